@@ -1,0 +1,198 @@
+"""Config layer: parse the AMCT config dict into validated, frozen dataclasses.
+
+Every error names the key path, the offending value and what is allowed. The caller's
+dict is never mutated (we only read it).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DST_TYPES = {"INT8": 8, "INT4": 4}
+WEIGHT_ALGOS = {"arq_retrain": "arq_retrain", "ulq_quantize": "ulq_quantize", "ulq_retrain": "ulq_quantize"}
+IFMR_SEARCHES = ("exact", "histogram")
+
+
+@dataclass(frozen=True)
+class DataQuantConfig:
+    """Activation (input) quantization: IFMR calibration, then ULQ with learnable clips."""
+
+    dst_type: str = "INT8"
+    batch_num: int = 1
+    fixed_min: bool = False
+    clip_min: float | None = None
+    clip_max: float | None = None
+    # Extension: "exact" is the spec's search over every calibration value; "histogram"
+    # streams a fixed-size histogram (memory independent of batch_num, result within
+    # one candidate step of the exact search).
+    ifmr_search: str = "exact"
+
+    @property
+    def num_bits(self) -> int:
+        return DST_TYPES[self.dst_type]
+
+    @property
+    def needs_calibration(self) -> bool:
+        has_min = self.clip_min is not None or self.fixed_min
+        return self.clip_max is None or not has_min
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    dst_type: str = "INT8"
+    weights_retrain_algo: str = "arq_retrain"
+    channel_wise: bool = False
+
+    @property
+    def num_bits(self) -> int:
+        return DST_TYPES[self.dst_type]
+
+    @property
+    def learnable_scale(self) -> bool:
+        return self.weights_retrain_algo == "ulq_quantize"
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    retrain_enable: bool = True
+    retrain_data_config: DataQuantConfig = field(default_factory=DataQuantConfig)
+    retrain_weight_config: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict that `parse_config` accepts back."""
+        data = {k: v for k, v in vars(self.retrain_data_config).items() if v is not None}
+        return {
+            "retrain_enable": self.retrain_enable,
+            "retrain_data_config": data,
+            "retrain_weight_config": dict(vars(self.retrain_weight_config)),
+        }
+
+
+_TOP_KEYS = ("retrain_enable", "retrain_data_config", "retrain_weight_config")
+_DATA_KEYS = ("dst_type", "batch_num", "fixed_min", "clip_min", "clip_max", "ifmr_search")
+_WEIGHT_KEYS = ("dst_type", "weights_retrain_algo", "channel_wise")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _check_keys(section: Mapping, allowed: tuple[str, ...], path: str) -> None:
+    for key in section:
+        where = f"{path}.{key}" if path else repr(key)
+        if not isinstance(key, str):
+            raise TypeError(f"config key {where}: keys must be str, got {_describe(key)}")
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            name = f"{path}.{key}" if path else key
+            raise ValueError(f"unknown config key '{name}'.{hint} Allowed keys: {', '.join(allowed)}")
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{path}: expected a bool (True or False), got {_describe(value)}")
+    return value
+
+
+def _choice(value: Any, allowed, path: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{path}: expected one of {sorted(allowed)} as a str, got {_describe(value)}")
+    if value not in allowed:
+        raise ValueError(f"{path}: got {value!r}; allowed values: {', '.join(sorted(allowed))}")
+    return value
+
+
+def _clip(value: Any, path: str, sign: int) -> float | None:
+    if value is None:
+        return None
+    rule = "a finite real number > 0" if sign > 0 else "a finite real number < 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{path}: expected {rule} (int or float), got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value) or value * sign <= 0:
+        raise ValueError(f"{path}: expected {rule}, got {value!r}")
+    return value
+
+
+def _section(raw: Any, path: str) -> Mapping:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"{path}: expected a dict, got {_describe(raw)}")
+    return raw
+
+
+def _parse_data(raw: Any) -> DataQuantConfig:
+    path = "retrain_data_config"
+    sec = _section(raw, path)
+    _check_keys(sec, _DATA_KEYS, path)
+    batch_num = sec.get("batch_num", 1)
+    if isinstance(batch_num, bool) or not isinstance(batch_num, int):
+        raise TypeError(f"{path}.batch_num: expected an int >= 1, got {_describe(batch_num)}")
+    if batch_num < 1:
+        raise ValueError(f"{path}.batch_num: expected an int >= 1, got {batch_num!r}")
+    cfg = DataQuantConfig(
+        dst_type=_choice(sec.get("dst_type", "INT8"), DST_TYPES, f"{path}.dst_type"),
+        batch_num=batch_num,
+        fixed_min=_bool(sec.get("fixed_min", False), f"{path}.fixed_min"),
+        clip_min=_clip(sec.get("clip_min"), f"{path}.clip_min", -1),
+        clip_max=_clip(sec.get("clip_max"), f"{path}.clip_max", +1),
+        ifmr_search=_choice(sec.get("ifmr_search", "exact"), IFMR_SEARCHES, f"{path}.ifmr_search"),
+    )
+    if cfg.fixed_min and cfg.clip_min is not None:
+        raise ValueError(
+            f"{path}: fixed_min=True pins clip_min at 0, so clip_min={cfg.clip_min!r} contradicts it; "
+            "give one or the other"
+        )
+    return cfg
+
+
+def _parse_weight(raw: Any) -> WeightQuantConfig:
+    path = "retrain_weight_config"
+    sec = _section(raw, path)
+    _check_keys(sec, _WEIGHT_KEYS, path)
+    algo = _choice(sec.get("weights_retrain_algo", "arq_retrain"), WEIGHT_ALGOS, f"{path}.weights_retrain_algo")
+    return WeightQuantConfig(
+        dst_type=_choice(sec.get("dst_type", "INT8"), DST_TYPES, f"{path}.dst_type"),
+        weights_retrain_algo=WEIGHT_ALGOS[algo],
+        channel_wise=_bool(sec.get("channel_wise", False), f"{path}.channel_wise"),
+    )
+
+
+def _load_json(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as err:
+        raise ValueError(f"config: cannot read the JSON file {os.fspath(path)!r}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"config: {os.fspath(path)!r} is not valid JSON: {err}") from None
+
+
+def parse_config(config: Any = None) -> QATConfig:
+    """Validate an AMCT config (dict, JSON file path, QATConfig or None) into a QATConfig."""
+    if isinstance(config, QATConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        config = _load_json(config)
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"config: expected None, a dict, a QATConfig or a path to a JSON file, got {_describe(config)}"
+        )
+    _check_keys(config, _TOP_KEYS, "")
+    return QATConfig(
+        retrain_enable=_bool(config.get("retrain_enable", True), "retrain_enable"),
+        retrain_data_config=_parse_data(config.get("retrain_data_config")),
+        retrain_weight_config=_parse_weight(config.get("retrain_weight_config")),
+    )

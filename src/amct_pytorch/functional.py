@@ -1,0 +1,129 @@
+"""Pure quantization math (spec section 4 and 5): grids, fake-quant and its gradients.
+
+Everything here is a plain function of tensors: no module state, no Python-side work per
+element, no host synchronisation, so the same code runs on CPU and CUDA.
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = 1.1920929e-07
+
+
+def int_range(num_bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of a signed num_bits integer."""
+    return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+
+
+def act_qparams(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: int):
+    """Asymmetric activation grid from the clip bounds: (scale, offset), float tensors.
+
+    scale = (hi - lo) / L, offset = round(qmin - lo / scale); a degenerate range
+    (scale < eps) falls back to scale 1, offset qmin.
+    """
+    qmin, qmax = int_range(num_bits)
+    lo = clip_min.clamp(max=0.0)
+    hi = clip_max.clamp(min=0.0)
+    scale = (hi - lo) / float(2**num_bits - 1)
+    degenerate = scale < EPS
+    scale = torch.where(degenerate, torch.ones_like(scale), scale)
+    offset = torch.round(qmin - lo / scale).clamp(qmin, qmax)
+    offset = torch.where(degenerate, torch.full_like(offset, qmin), offset)
+    return scale, offset
+
+
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """x̂ = (clamp(round(x/scale + offset), qmin, qmax) - offset) * scale."""
+    qmin, qmax = int_range(num_bits)
+    return (torch.round(x / scale + offset).clamp_(qmin, qmax) - offset) * scale
+
+
+def quantize_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Integer activation codes (as float): clamp(round(x/scale + offset), qmin, qmax)."""
+    qmin, qmax = int_range(num_bits)
+    return torch.round(x / scale + offset).clamp_(qmin, qmax)
+
+
+def ulq_act_grads(x, grad_out, scale, offset, clip_max, clip_min, num_bits, need_x=True):
+    """ULQ backward (spec section 4): gradients for x, clip_max and clip_min.
+
+    up/dn mark values clipped above/below; e is the rounding error of x/scale (of the
+    clip value itself where clipped), normalised by L = 2^n - 1. The clipped elements
+    share one e per side, so the sums split into a masked sum plus two scalars.
+    """
+    qmin, qmax = int_range(num_bits)
+    levels = float(2**num_bits - 1)
+    up = x > scale * (qmax - offset)
+    dn = x < scale * (qmin - offset)
+    inside = ~(up | dn)
+    v = x / scale
+    e = (torch.round(v) - v).mul_(inside)
+    g_inside = grad_out * inside
+    sum_e = (g_inside * e).sum() / levels
+    g_up = (grad_out * up).sum()
+    g_dn = (grad_out * dn).sum()
+    v_hi = clip_max / scale
+    v_lo = clip_min / scale
+    e_hi = (torch.round(v_hi) - v_hi) / levels
+    e_lo = (torch.round(v_lo) - v_lo) / levels
+    sum_e = sum_e + e_hi * g_up + e_lo * g_dn
+    grad_max = sum_e + g_up
+    grad_min = g_dn - sum_e
+    return (g_inside if need_x else None), grad_max.reshape(clip_max.shape), grad_min.reshape(clip_min.shape)
+
+
+def arq_scale(weight: torch.Tensor, num_bits: int, channel_wise: bool) -> torch.Tensor:
+    """ARQ symmetric weight scale: max|w| / qmax, or / 2^(n-1) when |min w| > |max w|.
+
+    Shape (1,) per tensor, (out,) per output row. An all-zero tensor/row gets scale 1.
+    """
+    _, qmax = int_range(num_bits)
+    if channel_wise:
+        w_min, w_max = torch.aminmax(weight.detach(), dim=1)
+    else:
+        w_min, w_max = torch.aminmax(weight.detach())
+        w_min, w_max = w_min.reshape(1), w_max.reshape(1)
+    neg_wins = w_min.abs() > w_max.abs()
+    amax = torch.where(neg_wins, w_min.abs(), w_max.abs())
+    scale = amax / torch.where(neg_wins, float(qmax + 1), float(qmax))
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def _row_scale(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
+
+
+def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """ŵ = clamp(round(w/scale), qmin, qmax) * scale (symmetric, per tensor or per row)."""
+    qmin, qmax = int_range(num_bits)
+    s = _row_scale(scale, weight)
+    return torch.round(weight / s).clamp_(qmin, qmax).mul_(s)
+
+
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Integer weight codes as int8 (INT4 codes live in an int8 container)."""
+    qmin, qmax = int_range(num_bits)
+    return torch.round(weight / _row_scale(scale, weight)).clamp_(qmin, qmax).to(torch.int8)
+
+
+def lsq_scale_grad(weight, grad_wq, scale, num_bits):
+    """LSQ-style gradient of ŵ w.r.t. the learnable weight scale.
+
+    d ŵ/ds = round(v) - v inside the range, qmin/qmax outside; scaled by
+    1/sqrt(numel_per_scale * qmax) as in LSQ so the scale learns at a sane pace.
+    The weight itself keeps the plain straight-through gradient (as ARQ and the
+    reference do): ARQ's own initial scale already clips the largest positive weight
+    when the negative side dominates, and masking it would stall those weights.
+    """
+    qmin, qmax = int_range(num_bits)
+    s = _row_scale(scale, weight)
+    v = weight / s
+    inside = (v >= qmin) & (v <= qmax)
+    dv = torch.where(inside, torch.round(v) - v, v.clamp(qmin, qmax))
+    per_scale = weight.numel() // scale.numel()
+    factor = 1.0 / (per_scale * qmax) ** 0.5
+    if scale.numel() > 1:
+        grad_s = (grad_wq * dv).sum(dim=1) * factor
+    else:
+        grad_s = (grad_wq * dv).sum().reshape(scale.shape) * factor
+    return grad_s

@@ -1,0 +1,1 @@
+"""Mirrors AMCT's import path: amct_pytorch.nn.module.quantization.linear."""

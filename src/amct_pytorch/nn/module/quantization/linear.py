@@ -1,0 +1,287 @@
+"""LinearQAT: a drop-in torch.nn.Linear with INT8/INT4 quantization-aware training.
+
+State rule: the module changes its own state (calibration statistics, clip bounds at the
+end of calibration, stored scales) only in a *state-updating* forward, i.e. training mode
+with autograd enabled, or any forward inside `amct_pytorch.calibrating()`. Eval mode,
+`torch.no_grad()`, ONNX export and tracing never change state.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ....config import QATConfig, parse_config
+from ....functional import act_qparams, arq_scale, int_range
+from ....ifmr import HIST_BINS, hist_update, ifmr_exact, ifmr_histogram
+from ....qat_function import QuantSpec, qat_linear
+
+_FORCE = threading.local()
+
+
+@contextlib.contextmanager
+def calibrating():
+    """Let every LinearQAT forward inside this block update state, even in eval/no_grad."""
+    previous = getattr(_FORCE, "on", False)
+    _FORCE.on = True
+    try:
+        yield
+    finally:
+        _FORCE.on = previous
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _check_dtype(dtype, what="dtype"):
+    if dtype is not None and dtype != torch.float32:
+        raise TypeError(f"{what}: only torch.float32 parameters are supported, got {dtype}")
+
+
+class LinearQAT(nn.Linear):
+    """nn.Linear whose input (IFMR + ULQ) and weight (ARQ or ULQ) are fake-quantized.
+
+    See the README's config table; `config` is None, a dict, or a path to a JSON file.
+    """
+
+    _version = 1
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, config=None):
+        _positive_int(in_features, "in_features")
+        _positive_int(out_features, "out_features")
+        _check_dtype(dtype)
+        try:
+            device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device: {device!r} is not a valid torch device ({err})") from None
+        cfg = parse_config(config)
+        super().__init__(in_features, out_features, bias=bool(bias), device=device, dtype=torch.float32)
+        self.config: QATConfig = cfg
+        self._build_quant_state(self.weight.device)
+
+    # ---- construction -------------------------------------------------------------
+    def _build_quant_state(self, device):
+        data, wcfg = self.config.retrain_data_config, self.config.retrain_weight_config
+        f32 = dict(device=device, dtype=torch.float32)
+        self.acts_clip_max = nn.Parameter(torch.tensor(data.clip_max or 0.0, **f32))
+        self.acts_clip_min = nn.Parameter(torch.tensor(data.clip_min or 0.0, **f32), requires_grad=not data.fixed_min)
+        self.register_buffer("acts_scale", torch.ones(1, **f32))
+        self.register_buffer("acts_offset", torch.zeros(1, device=device, dtype=torch.int8))
+        n_scales = self.out_features if wcfg.channel_wise else 1
+        if wcfg.learnable_scale:
+            self.wts_scales = nn.Parameter(torch.ones(n_scales, **f32))
+            self.register_buffer("wts_scale_ready", torch.tensor(False, device=device))
+        else:
+            self.register_buffer("wts_scales", torch.ones(n_scales, **f32))
+        self.register_buffer("wts_offsets", torch.zeros(n_scales, device=device, dtype=torch.int8))
+        needs_calib = data.needs_calibration
+        self.register_buffer("calib_done", torch.tensor(not needs_calib, device=device))
+        self.register_buffer("calib_batches", torch.tensor(0, device=device, dtype=torch.int64))
+        if data.ifmr_search == "histogram":
+            self.register_buffer("calib_hist", torch.zeros(2 * HIST_BINS, device=device, dtype=torch.float64))
+            self.register_buffer("calib_range", torch.zeros((), **f32))
+            self.register_buffer("calib_minmax", torch.zeros(2, **f32))
+        else:  # exact search: the values of the calibration batches before the last one
+            self.register_buffer("calib_samples", torch.zeros(0, **f32))
+        self._calibrated = not needs_calib  # host mirror of calib_done: no device sync per call
+        self._wq_cache = None
+
+    @classmethod
+    def from_float(cls, mod, config=None):
+        """Wrap an existing nn.Linear, sharing its weight and bias Parameters."""
+        if not isinstance(mod, nn.Linear) or isinstance(mod, LinearQAT):
+            raise TypeError(
+                f"from_float: expected a torch.nn.Linear that is not already a LinearQAT, got {type(mod).__name__}"
+            )
+        _check_dtype(mod.weight.dtype, "from_float: mod.weight.dtype")
+        qat = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta", config=config)
+        qat.weight = mod.weight
+        qat.bias = mod.bias
+        qat._build_quant_state(mod.weight.device)
+        qat.train(mod.training)
+        return qat
+
+    def to_float(self) -> nn.Linear:
+        """A plain nn.Linear holding (sharing) the trained float master weights."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = self.weight
+        lin.bias = self.bias
+        lin.train(self.training)
+        return lin
+
+    # ---- forward --------------------------------------------------------------------
+    def forward(self, x):
+        if not self.config.retrain_enable:
+            return F.linear(x, self.weight, self.bias)
+        self._check_input(x)
+        update = self.updates_state()
+        quant_act = self._calibrated
+        if not quant_act and update:
+            self._observe(x)
+        w_scale = self._weight_scale(update)
+        if quant_act and update:
+            self._store_act_qparams()
+        wbits = self.config.retrain_weight_config.num_bits
+        spec = QuantSpec(self.config.retrain_data_config.num_bits if quant_act else None, wbits,
+                         self.config.retrain_weight_config.learnable_scale)
+        return qat_linear(x, self.weight, self.bias, self.acts_clip_max, self.acts_clip_min, w_scale, spec)
+
+    def updates_state(self) -> bool:
+        """Whether a forward call now may change this module's state (see module doc)."""
+        if _exporting():
+            return False
+        return getattr(_FORCE, "on", False) or (self.training and torch.is_grad_enabled())
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"input: expected dtype torch.float32, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input: expected shape (..., {self.in_features}) (last dim = in_features), got {tuple(x.shape)}"
+            )
+        if x.numel() == 0:
+            raise ValueError(f"input: empty batch of shape {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"input: on {x.device}, but the module lives on {self.weight.device}")
+        if _exporting():
+            return
+        # one cheap reduction; only when it is not finite do we look element by element
+        if not torch.isfinite(x.detach().sum()) and not torch.isfinite(x.detach()).all():
+            raise ValueError("input: contains NaN or infinite values; LinearQAT needs finite inputs")
+
+    # ---- activation calibration -----------------------------------------------------
+    def _observe(self, x):
+        """One calibration batch: accumulate statistics; IFMR on the batch_num-th call."""
+        data = self.config.retrain_data_config
+        values = _gather_across_ranks(x.detach().reshape(-1))
+        last = int(self.calib_batches) + 1 >= data.batch_num
+        with torch.no_grad():
+            if data.ifmr_search == "histogram":
+                lo, hi = torch.aminmax(values)
+                first = int(self.calib_batches) == 0
+                self.calib_minmax.copy_(torch.stack([lo, hi]) if first else torch.stack(
+                    [torch.minimum(lo, self.calib_minmax[0]), torch.maximum(hi, self.calib_minmax[1])]))
+                hist, rng = hist_update(self.calib_hist, self.calib_range, values)
+                self.calib_hist.copy_(hist)
+                self.calib_range.copy_(rng)
+                if last:
+                    clip_max, clip_min = ifmr_histogram(self.calib_hist, self.calib_range, self.calib_minmax,
+                                                        data.num_bits)
+            elif last:
+                clip_max, clip_min = ifmr_exact(torch.cat([self.calib_samples, values]), data.num_bits)
+                self.calib_samples = self.calib_samples.new_zeros(0)
+            else:
+                self.calib_samples = torch.cat([self.calib_samples, values])
+            self.calib_batches += 1
+            if last:
+                self._finish_calibration(clip_max, clip_min)
+
+    def _finish_calibration(self, clip_max, clip_min):
+        data = self.config.retrain_data_config
+        if data.clip_max is None:
+            self.acts_clip_max.copy_(clip_max)
+        if data.fixed_min:
+            self.acts_clip_min.zero_()
+        elif data.clip_min is None:
+            self.acts_clip_min.copy_(clip_min)
+        if data.ifmr_search == "histogram":
+            self.calib_hist.zero_()
+        self.calib_done.fill_(True)
+        self._calibrated = True
+        self._store_act_qparams()
+
+    @torch.no_grad()
+    def _store_act_qparams(self):
+        scale, offset = act_qparams(self.acts_clip_max, self.acts_clip_min, self.config.retrain_data_config.num_bits)
+        self.acts_scale.copy_(scale.reshape(1))
+        self.acts_offset.copy_(offset.reshape(1))
+
+    def act_qparams(self):
+        """(scale, offset) of the activation grid for the current clip bounds (no state change)."""
+        with torch.no_grad():
+            return act_qparams(self.acts_clip_max, self.acts_clip_min, self.config.retrain_data_config.num_bits)
+
+    # ---- weights --------------------------------------------------------------------
+    def _weight_scale(self, update: bool) -> torch.Tensor:
+        wcfg = self.config.retrain_weight_config
+        if wcfg.learnable_scale:
+            if not bool(self.wts_scale_ready):
+                init = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise)
+                if not update:
+                    return init
+                with torch.no_grad():
+                    self.wts_scales.copy_(init)
+                    self.wts_scale_ready.fill_(True)
+            return self.wts_scales
+        scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise)
+        if update:
+            self.wts_scales.copy_(scale)
+        return scale
+
+    def weight_qparams(self) -> torch.Tensor:
+        """The weight scale the next forward would use (no state change)."""
+        wcfg = self.config.retrain_weight_config
+        if wcfg.learnable_scale and bool(self.wts_scale_ready):
+            return self.wts_scales.detach().clone()
+        return arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise)
+
+    # ---- state ----------------------------------------------------------------------
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "calib_samples"
+        if key in state_dict and hasattr(self, "calib_samples"):
+            self.calib_samples = self.calib_samples.new_zeros(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._calibrated = bool(self.calib_done)
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        if not cfg.retrain_enable:
+            return super().extra_repr() + ", retrain_enable=False"
+        data, wcfg = cfg.retrain_data_config, cfg.retrain_weight_config
+        if self._calibrated:
+            status = "calibrated"
+        else:
+            status = f"calibrating {int(self.calib_batches)}/{data.batch_num} batches"
+        act = f"act={data.dst_type} ULQ (IFMR {data.ifmr_search}, batch_num={data.batch_num}"
+        act += ", fixed_min" if data.fixed_min else ""
+        act += f", {status})"
+        wt = f"weight={wcfg.dst_type} {wcfg.weights_retrain_algo} {'per-channel' if wcfg.channel_wise else 'per-tensor'}"
+        rule = "state updates: train mode with grad enabled, or inside amct_pytorch.calibrating()"
+        return f"{super().extra_repr()}, {act}, {wt}, {rule}"
+
+
+def _gather_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """All ranks' calibration values, concatenated (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    world = dist.get_world_size()
+    size = torch.tensor([values.numel()], device=values.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = values.new_zeros(longest)
+    padded[: values.numel()] = values
+    chunks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes)])
