@@ -16,6 +16,8 @@ from typing import Any
 DST_TYPES = {"INT8": 8, "INT4": 4}
 WEIGHT_ALGOS = {"arq_retrain": "arq_retrain", "ulq_quantize": "ulq_quantize", "ulq_retrain": "ulq_quantize"}
 IFMR_SEARCHES = ("exact", "histogram")
+CLIP_LIMIT = 1e38  # |clip| bound: keeps clip_max - clip_min finite in float32
+GRID_EPS = 1.1920929e-07  # a grid step below this is degenerate (functional.act_qparams)
 
 
 @dataclass(frozen=True)
@@ -114,13 +116,16 @@ def _choice(value: Any, allowed, path: str) -> str:
 def _clip(value: Any, path: str, sign: int) -> float | None:
     if value is None:
         return None
-    rule = "a finite real number > 0" if sign > 0 else "a finite real number < 0"
+    rule = f"a real number in (0, {CLIP_LIMIT:g}]" if sign > 0 else f"a real number in [-{CLIP_LIMIT:g}, 0)"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{path}: expected {rule} (int or float), got {_describe(value)}")
-    value = float(value)
-    if not math.isfinite(value) or value * sign <= 0:
-        raise ValueError(f"{path}: expected {rule}, got {value!r}")
-    return value
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"{path}: expected {rule}, got {_describe(value)}") from None
+    if not math.isfinite(as_float) or as_float * sign <= 0 or abs(as_float) > CLIP_LIMIT:
+        raise ValueError(f"{path}: expected {rule}, got {as_float!r}")
+    return as_float
 
 
 def _section(raw: Any, path: str) -> Mapping:
@@ -153,6 +158,14 @@ def _parse_data(raw: Any) -> DataQuantConfig:
             f"{path}: fixed_min=True pins clip_min at 0, so clip_min={cfg.clip_min!r} contradicts it; "
             "give one or the other"
         )
+    if cfg.clip_max is not None and (cfg.clip_min is not None or cfg.fixed_min):
+        lo = cfg.clip_min or 0.0
+        step = (cfg.clip_max - lo) / (2**cfg.num_bits - 1)
+        if step < GRID_EPS:
+            raise ValueError(
+                f"{path}.clip_max/clip_min: the bounds [{lo!r}, {cfg.clip_max!r}] give a {cfg.dst_type} grid step "
+                f"of {step:.3g}, below {GRID_EPS:.3g} (a degenerate grid); widen them"
+            )
     return cfg
 
 

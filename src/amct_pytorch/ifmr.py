@@ -82,16 +82,17 @@ def ifmr_exact(values: torch.Tensor, num_bits: int = 8) -> tuple[torch.Tensor, t
 
 # ---- streaming histogram (opt-in: retrain_data_config.ifmr_search = "histogram") ----
 
-def hist_update(hist: torch.Tensor, hist_range: torch.Tensor, values: torch.Tensor):
+def hist_update(hist: torch.Tensor, hist_range: torch.Tensor, values: torch.Tensor, cover: float = 0.0):
     """Add `values` to a signed histogram over [-R, R) and return (hist, R).
 
     R only ever grows by powers of two, so old bins merge exactly into the new ones.
+    R also covers |cover| (the max |x| of all ranks: every rank then bins on one grid).
     """
     x = values.detach().reshape(-1).float()
     lo, hi = torch.aminmax(x)
     need = torch.maximum(hi.abs(), lo.abs())
     r = float(hist_range)
-    need = float(need)
+    need = max(float(need), abs(float(cover)))
     if r <= 0:  # first batch: R = the smallest power of two above max|x|
         r = 2.0 ** (torch.frexp(torch.tensor(need)).exponent.item() if need > 0 else 0)
     factor = 1

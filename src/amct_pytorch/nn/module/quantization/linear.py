@@ -11,16 +11,18 @@ import contextlib
 import threading
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ....config import QATConfig, parse_config
-from ....functional import act_qparams, arq_scale, int_range
+from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
+from ....functional import EPS, act_qparams, arq_scale, int_range
 from ....ifmr import HIST_BINS, hist_update, ifmr_exact, ifmr_histogram
 from ....qat_function import QuantSpec, qat_linear
 
 _FORCE = threading.local()
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_HIST_LIMIT = 2.0**126  # the histogram spans [-R, R) with R a power of two: 2R must stay finite
 
 
 @contextlib.contextmanager
@@ -163,36 +165,84 @@ class LinearQAT(nn.Linear):
         # one cheap reduction; only when it is not finite do we look element by element
         if not torch.isfinite(x.detach().sum()) and not torch.isfinite(x.detach()).all():
             raise ValueError("input: contains NaN or infinite values; LinearQAT needs finite inputs")
+        if not self._calibrated:
+            self._check_passthrough_range(x)
+
+    def _check_passthrough_range(self, x):
+        """Calibration calls feed x unquantized to the matmul: refuse inputs that would overflow it."""
+        with torch.no_grad():
+            lo, hi = torch.aminmax(x)
+            amax = torch.maximum(-lo, hi).double()
+            bound = amax * self.weight.double().abs().sum(1).amax()
+            if self.bias is not None:
+                bound = bound + self.bias.double().abs().amax()
+            if float(bound) > _FLOAT32_MAX:
+                raise ValueError(
+                    f"input: values up to |x| = {float(amax):.3g} would overflow float32 in this layer's output "
+                    f"during calibration (max|x| * max row sum |w| + max|b| = {float(bound):.3g} > "
+                    f"{_FLOAT32_MAX:.3g}); rescale the input"
+                )
 
     # ---- activation calibration -----------------------------------------------------
     def _observe(self, x):
-        """One calibration batch: accumulate statistics; IFMR on the batch_num-th call."""
+        """One calibration batch: accumulate statistics; IFMR on the batch_num-th call.
+
+        Everything is computed first and stored at the end, so an error changes nothing.
+        Under torch.distributed all ranks contribute to (and store) the same statistics.
+        """
         data = self.config.retrain_data_config
-        values = _gather_across_ranks(x.detach().reshape(-1))
+        values = x.detach().reshape(-1)
         last = int(self.calib_batches) + 1 >= data.batch_num
         with torch.no_grad():
             if data.ifmr_search == "histogram":
-                lo, hi = torch.aminmax(values)
-                first = int(self.calib_batches) == 0
-                self.calib_minmax.copy_(torch.stack([lo, hi]) if first else torch.stack(
-                    [torch.minimum(lo, self.calib_minmax[0]), torch.maximum(hi, self.calib_minmax[1])]))
-                hist, rng = hist_update(self.calib_hist, self.calib_range, values)
-                self.calib_hist.copy_(hist)
-                self.calib_range.copy_(rng)
+                hist, hist_range, minmax = self._histogram_step(values)
                 if last:
-                    clip_max, clip_min = ifmr_histogram(self.calib_hist, self.calib_range, self.calib_minmax,
-                                                        data.num_bits)
-            elif last:
-                clip_max, clip_min = ifmr_exact(torch.cat([self.calib_samples, values]), data.num_bits)
-                self.calib_samples = self.calib_samples.new_zeros(0)
+                    bounds = ifmr_histogram(hist, hist_range, minmax, data.num_bits)
             else:
-                self.calib_samples = torch.cat([self.calib_samples, values])
+                samples = torch.cat([self.calib_samples, gather_values(values)])
+                if last:
+                    bounds = ifmr_exact(samples, data.num_bits)
+                    samples = samples.new_zeros(0)
+            if data.ifmr_search == "histogram":
+                self.calib_hist.copy_(hist)
+                self.calib_range.copy_(hist_range)
+                self.calib_minmax.copy_(minmax)
+            else:
+                self.calib_samples = samples
             self.calib_batches += 1
             if last:
-                self._finish_calibration(clip_max, clip_min)
+                self._finish_calibration(*bounds)
+
+    def _histogram_step(self, values):
+        """(hist, range, minmax) after adding this batch of every rank: histograms are summed, not values sent."""
+        lo, hi = global_min_max(*torch.aminmax(values))
+        need = float(torch.maximum(-lo, hi))
+        if need >= _HIST_LIMIT:
+            raise ValueError(
+                f"input: |x| up to {need:.3g} is beyond the histogram IFMR's range (|x| < 2**126 = "
+                f"{_HIST_LIMIT:.3g}); use retrain_data_config.ifmr_search='exact' or rescale the input"
+            )
+        if int(self.calib_batches) > 0:
+            lo, hi = torch.minimum(lo, self.calib_minmax[0]), torch.maximum(hi, self.calib_minmax[1])
+        # rank 0 carries the histogram so far, the others only their batch; all bin on one range
+        own = self.calib_hist if rank() == 0 else torch.zeros_like(self.calib_hist)
+        hist, hist_range = hist_update(own, self.calib_range, values, cover=need)
+        return sum_over_ranks(hist), hist_range, torch.stack([lo, hi])
 
     def _finish_calibration(self, clip_max, clip_min):
         data = self.config.retrain_data_config
+        new_max = clip_max if data.clip_max is None else self.acts_clip_max.detach()
+        if data.fixed_min:
+            new_min = torch.zeros_like(clip_min)
+        else:
+            new_min = clip_min if data.clip_min is None else self.acts_clip_min.detach()
+        step = (new_max.clamp(min=0.0) - new_min.clamp(max=0.0)) / float(2**data.num_bits - 1)
+        if step < EPS:
+            # values too small to resolve (all zero, or |x| ~< 1e-5) count as all-zero data, which
+            # IFMR maps to a unit-size grid; the degenerate fallback (scale 1, offset qmin) is never learned from
+            zero_max, zero_min = ifmr_exact(torch.zeros(1, device=clip_max.device), data.num_bits)
+            clip_max = zero_max if data.clip_max is None else clip_max
+            clip_min = zero_min if data.clip_min is None else clip_min
         if data.clip_max is None:
             self.acts_clip_max.copy_(clip_max)
         if data.fixed_min:
@@ -249,7 +299,12 @@ class LinearQAT(nn.Linear):
                               error_msgs):
         key = prefix + "calib_samples"
         if key in state_dict and hasattr(self, "calib_samples"):
-            self.calib_samples = self.calib_samples.new_zeros(state_dict[key].shape)
+            saved = state_dict[key]
+            if not isinstance(saved, torch.Tensor) or saved.dim() != 1:
+                error_msgs.append(f"{key}: expected a 1-d tensor of calibration values, got "
+                                  f"{tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__}")
+            else:  # its length varies with the calibration progress
+                self.calib_samples = self.calib_samples.new_zeros(saved.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._calibrated = bool(self.calib_done)
@@ -267,21 +322,7 @@ class LinearQAT(nn.Linear):
         act += ", fixed_min" if data.fixed_min else ""
         act += f", {status})"
         wt = f"weight={wcfg.dst_type} {wcfg.weights_retrain_algo} {'per-channel' if wcfg.channel_wise else 'per-tensor'}"
-        rule = "state updates: train mode with grad enabled, or inside amct_pytorch.calibrating()"
+        rule = ("state updates: only in train mode with grad enabled or inside amct_pytorch.calibrating(); "
+                "never in eval, no_grad or export")
         return f"{super().extra_repr()}, {act}, {wt}, {rule}"
 
-
-def _gather_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    """All ranks' calibration values, concatenated (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    world = dist.get_world_size()
-    size = torch.tensor([values.numel()], device=values.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = values.new_zeros(longest)
-    padded[: values.numel()] = values
-    chunks = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(chunks, padded)
-    return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes)])
