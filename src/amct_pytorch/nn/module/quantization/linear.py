@@ -37,7 +37,10 @@ def calibrating():
 
 
 def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    # torch.compiler.is_exporting covers torch.export (the dynamo ONNX exporter's first step);
+    # is_compiling is left out on purpose: a torch.compile'd training step must still update state
+    return (torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.jit.is_scripting())
 
 
 def _positive_int(value, name):
@@ -128,6 +131,8 @@ class LinearQAT(nn.Linear):
     def forward(self, x):
         if not self.config.retrain_enable:
             return F.linear(x, self.weight, self.bias)
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            return self._forward_for_export(x)
         self._check_input(x)
         update = self.updates_state()
         quant_act = self._calibrated
@@ -140,6 +145,13 @@ class LinearQAT(nn.Linear):
         spec = QuantSpec(self.config.retrain_data_config.num_bits if quant_act else None, wbits,
                          self.config.retrain_weight_config.learnable_scale)
         return qat_linear(x, self.weight, self.bias, self.acts_clip_max, self.acts_clip_min, w_scale, spec)
+
+    def _forward_for_export(self, x):
+        """ONNX export: QuantizeLinear/DequantizeLinear on input and weight (see amct_pytorch.export)."""
+        from ....export import export_forward
+
+        self._check_input(x)
+        return export_forward(self, x)
 
     def updates_state(self) -> bool:
         """Whether a forward call now may change this module's state (see module doc)."""
