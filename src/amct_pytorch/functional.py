@@ -32,10 +32,33 @@ def act_qparams(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: int):
     return scale, offset
 
 
+# Elementwise work runs over row blocks of this many elements on CPU: each block's
+# temporaries stay cache-resident and no activation-sized temporary is allocated
+# (large fresh allocations page-fault on every call). CUDA takes the whole tensor.
+CPU_BLOCK = 1 << 18
+
+
+def _blocks(numel: int, device: torch.device):
+    step = numel if device.type != "cpu" else CPU_BLOCK
+    return [(start, min(start + step, numel)) for start in range(0, numel, max(step, 1))]
+
+
+def _fake_quant_act_into(out, x, scale, offset, qmin, qmax):
+    torch.div(x, scale, out=out)
+    return out.add_(offset).round_().clamp_(qmin, qmax).sub_(offset).mul_(scale)
+
+
 def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_bits: int) -> torch.Tensor:
     """x̂ = (clamp(round(x/scale + offset), qmin, qmax) - offset) * scale."""
     qmin, qmax = int_range(num_bits)
-    return (torch.round(x / scale + offset).clamp_(qmin, qmax) - offset) * scale
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):  # autograd callers: plain ops
+        return (torch.round(x / scale + offset).clamp(qmin, qmax) - offset) * scale
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    flat_x, flat_out = x.view(-1), out.view(-1)
+    for start, stop in _blocks(x.numel(), x.device):
+        _fake_quant_act_into(flat_out[start:stop], flat_x[start:stop], scale, offset, qmin, qmax)
+    return out
 
 
 def quantize_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num_bits: int) -> torch.Tensor:
@@ -44,24 +67,39 @@ def quantize_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num
     return torch.round(x / scale + offset).clamp_(qmin, qmax)
 
 
-def ulq_act_grads(x, grad_out, scale, offset, clip_max, clip_min, num_bits, need_x=True):
+def ulq_act_grads(x, grad_out, scale, offset, clip_max, clip_min, num_bits, need_x=True, inplace=False):
     """ULQ backward (spec section 4): gradients for x, clip_max and clip_min.
 
     up/dn mark values clipped above/below; e is the rounding error of x/scale (of the
     clip value itself where clipped), normalised by L = 2^n - 1. The clipped elements
     share one e per side, so the sums split into a masked sum plus two scalars.
+    With inplace=True the x gradient is written into grad_out (which is returned).
+    One pass per block: nothing activation-sized is allocated.
     """
     qmin, qmax = int_range(num_bits)
     levels = float(2**num_bits - 1)
-    up = x > scale * (qmax - offset)
-    dn = x < scale * (qmin - offset)
-    inside = ~(up | dn)
-    v = x / scale
-    e = (torch.round(v) - v).mul_(inside)
-    g_inside = grad_out * inside
-    sum_e = (g_inside * e).sum() / levels
-    g_up = (grad_out * up).sum()
-    g_dn = (grad_out * dn).sum()
+    hi_t = scale * (qmax - offset)
+    lo_t = scale * (qmin - offset)
+    x = x.contiguous()
+    g = grad_out.contiguous()
+    if not inplace or g.data_ptr() != grad_out.data_ptr():
+        g = g.clone()
+    flat_x, flat_g = x.view(-1), g.view(-1)
+    zero = flat_g.new_zeros(())
+    parts_e, parts_up, parts_dn = [], [], []
+    for start, stop in _blocks(x.numel(), x.device):
+        xb, gb = flat_x[start:stop], flat_g[start:stop]
+        up = xb > hi_t
+        dn = xb < lo_t
+        parts_up.append(torch.where(up, gb, zero).sum())
+        parts_dn.append(torch.where(dn, gb, zero).sum())
+        gb.masked_fill_(up.logical_or_(dn), 0.0)  # gb is now the x gradient of this block
+        v = xb / scale
+        e = torch.round(v).sub_(v)
+        parts_e.append(torch.dot(gb, e))
+    g_up = torch.stack(parts_up).sum()
+    g_dn = torch.stack(parts_dn).sum()
+    sum_e = torch.stack(parts_e).sum() / levels
     v_hi = clip_max / scale
     v_lo = clip_min / scale
     e_hi = (torch.round(v_hi) - v_hi) / levels
@@ -69,7 +107,8 @@ def ulq_act_grads(x, grad_out, scale, offset, clip_max, clip_min, num_bits, need
     sum_e = sum_e + e_hi * g_up + e_lo * g_dn
     grad_max = sum_e + g_up
     grad_min = g_dn - sum_e
-    return (g_inside if need_x else None), grad_max.reshape(clip_max.shape), grad_min.reshape(clip_min.shape)
+    grad_x = g.view(grad_out.shape) if need_x else None
+    return grad_x, grad_max.reshape(clip_max.shape), grad_min.reshape(clip_min.shape)
 
 
 def arq_scale(weight: torch.Tensor, num_bits: int, channel_wise: bool) -> torch.Tensor:
@@ -97,7 +136,9 @@ def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int) 
     """ŵ = clamp(round(w/scale), qmin, qmax) * scale (symmetric, per tensor or per row)."""
     qmin, qmax = int_range(num_bits)
     s = _row_scale(scale, weight)
-    return torch.round(weight / s).clamp_(qmin, qmax).mul_(s)
+    if torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad):
+        return torch.round(weight / s).clamp(qmin, qmax) * s
+    return torch.div(weight, s).round_().clamp_(qmin, qmax).mul_(s)
 
 
 def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int) -> torch.Tensor:

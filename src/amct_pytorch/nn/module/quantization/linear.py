@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from ....config import QATConfig, parse_config
 from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
-from ....functional import EPS, act_qparams, arq_scale, int_range
+from ....functional import EPS, act_qparams, arq_scale, fake_quant_weight, int_range
 from ....ifmr import HIST_BINS, hist_update, ifmr_exact, ifmr_histogram
-from ....qat_function import QuantSpec, qat_linear
+from ....qat_function import QuantSpec, WeightCache, qat_linear
 
 _FORCE = threading.local()
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -138,13 +138,38 @@ class LinearQAT(nn.Linear):
         quant_act = self._calibrated
         if not quant_act and update:
             self._observe(x)
-        w_scale = self._weight_scale(update)
+        if update:
+            self._wq_cache = None
+            w_scale, wq = self._weight_scale(True), None
+        else:
+            w_scale, wq = self._cached_weight()
         if quant_act and update:
             self._store_act_qparams()
         wbits = self.config.retrain_weight_config.num_bits
         spec = QuantSpec(self.config.retrain_data_config.num_bits if quant_act else None, wbits,
                          self.config.retrain_weight_config.learnable_scale)
-        return qat_linear(x, self.weight, self.bias, self.acts_clip_max, self.acts_clip_min, w_scale, spec)
+        return qat_linear(x, self.weight, self.bias, self.acts_clip_max, self.acts_clip_min, w_scale, spec, wq)
+
+    def _cached_weight(self):
+        """(scale, ŵ) for a forward that does not update state, reused while neither the weight
+        nor the stored scale changed (see WeightCache; never part of state_dict)."""
+        sources = (self.weight,)
+        if self.config.retrain_weight_config.learnable_scale:
+            sources += (self.wts_scales, self.wts_scale_ready)
+        if self._wq_cache is None:
+            self._wq_cache = WeightCache()
+        hit = self._wq_cache.lookup(sources)
+        if hit is not None:
+            return hit
+        w_scale = self._weight_scale(False)
+        with torch.no_grad():
+            wq = fake_quant_weight(self.weight, w_scale, self.config.retrain_weight_config.num_bits)
+        self._wq_cache.store(sources, w_scale, wq)
+        return w_scale, wq
+
+    def clear_weight_cache(self):
+        """Drop the cached ŵ of non-updating forwards (needed only after an edit through `.data`)."""
+        self._wq_cache = None
 
     def _forward_for_export(self, x):
         """ONNX export: QuantizeLinear/DequantizeLinear on input and weight (see amct_pytorch.export)."""
