@@ -1,0 +1,224 @@
+"""Hostile inputs and configs: each works (finitely) or raises a clear error before any state changes.
+
+The README's "Reliability" table lists the same cases.
+"""
+import pytest
+import torch
+
+from amct_pytorch import LinearQAT, calibrating
+from amct_pytorch.functional import EPS
+
+F32_MAX = torch.finfo(torch.float32).max
+NAN, INF = float("nan"), float("inf")
+
+
+def _snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _assert_unchanged(m, before):
+    after = m.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed"
+
+
+def _module(phase, search="exact", weights="arq_retrain"):
+    torch.manual_seed(0)
+    cfg = {"retrain_data_config": {"batch_num": 2, "ifmr_search": search},
+           "retrain_weight_config": {"weights_retrain_algo": weights}}
+    m = LinearQAT(16, 8, config=cfg).train()
+    for _ in range({"fresh": 0, "mid_calibration": 1, "calibrated": 2, "eval": 2}[phase]):
+        m(torch.randn(4, 16))
+    return m.train(phase != "eval")
+
+
+def _with(value, shape=(4, 16)):
+    x = torch.randn(shape)
+    x[1, 3] = value
+    return x
+
+
+BAD_INPUTS = {
+    "nan": (_with(NAN), ValueError, "NaN or infinite"),
+    "+inf": (_with(INF), ValueError, "NaN or infinite"),
+    "-inf": (_with(-INF), ValueError, "NaN or infinite"),
+    "float64": (torch.randn(4, 16, dtype=torch.float64), TypeError, "dtype torch.float32, got torch.float64"),
+    "float16": (torch.randn(4, 16).half(), TypeError, "got torch.float16"),
+    "bfloat16": (torch.randn(4, 16).bfloat16(), TypeError, "got torch.bfloat16"),
+    "int64": (torch.ones(4, 16, dtype=torch.int64), TypeError, "got torch.int64"),
+    "bool": (torch.ones(4, 16, dtype=torch.bool), TypeError, "got torch.bool"),
+    "list": ([[0.0] * 16] * 4, TypeError, "expected a torch.Tensor, got list"),
+    "last dim 15": (torch.randn(4, 15), ValueError, r"expected shape \(\.\.\., 16\)"),
+    "last dim 17, 3-d": (torch.randn(2, 4, 17), ValueError, r"got \(2, 4, 17\)"),
+    "0-d": (torch.tensor(1.0), ValueError, r"got \(\)"),
+    "empty batch": (torch.randn(0, 16), ValueError, "empty batch"),
+    "empty 3-d": (torch.randn(3, 0, 16), ValueError, "empty batch"),
+    "meta device": (torch.randn(4, 16, device="meta"), ValueError, "on meta"),
+}
+
+
+@pytest.mark.parametrize("search", ["exact", "histogram"])
+@pytest.mark.parametrize("phase", ["fresh", "mid_calibration", "calibrated", "eval"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_before_any_state_change(case, phase, search):
+    x, error, match = BAD_INPUTS[case]
+    m = _module(phase, search, "ulq_quantize")
+    before = _snapshot(m)
+    with pytest.raises(error, match=match):
+        m(x)
+    _assert_unchanged(m, before)
+    assert int(m.calib_batches) == {"fresh": 0, "mid_calibration": 1}.get(phase, 2)
+
+
+@pytest.mark.parametrize("search", ["exact", "histogram"])
+@pytest.mark.parametrize("value", [0.0, 5.0, -5.0, 1e-30, 1e-40, -3e-7])
+def test_constant_calibration_batch_gives_a_sane_finite_grid(value, search):
+    torch.manual_seed(0)
+    m = LinearQAT(16, 8, config={"retrain_data_config": {"ifmr_search": search}}).train()
+    m(torch.full((4, 16), value))
+    scale, offset = m.act_qparams()
+    hi, lo = float(m.acts_clip_max.detach()), float(m.acts_clip_min.detach())
+    assert torch.isfinite(scale) and scale >= EPS and -128 <= offset <= 127
+    assert lo < 0 < hi  # a zero-width (degenerate) grid would be scale 1 at offset -128
+    if abs(value) < 1e-5:  # too small to resolve: treated as all-zero data, a grid of about [-0.7, 0.7]
+        assert 0.6 < hi < 1.4 and -1.4 < lo < -0.6
+    else:  # the grid reaches the value, without being much wider than it
+        assert max(hi, -lo) >= 0.99 * abs(value) and max(hi, -lo) <= 1.31 * abs(value)
+    y = m(torch.randn(4, 16))
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(m.acts_clip_max.grad) and torch.isfinite(m.acts_clip_min.grad)
+
+
+def test_all_zero_batch_under_fixed_min_keeps_a_positive_upper_bound():
+    m = LinearQAT(16, 8, config={"retrain_data_config": {"fixed_min": True}}).train()
+    m(torch.zeros(4, 16))
+    assert float(m.acts_clip_min.detach()) == 0.0 and float(m.acts_clip_max.detach()) > 0.5
+    assert m.act_qparams()[0] > EPS
+
+
+def _small_weights(m):
+    with torch.no_grad():
+        m.weight.mul_(1e-3)
+        m.bias.zero_()
+    return m
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38, F32_MAX])
+def test_calibration_values_near_float32_limits_work_when_the_matmul_cannot_overflow(value):
+    torch.manual_seed(0)
+    m = _small_weights(LinearQAT(16, 8).train())
+    y = m(_with(value))
+    assert m.is_calibrated and torch.isfinite(y).all()
+    hi, lo = float(m.acts_clip_max.detach()), float(m.acts_clip_min.detach())
+    assert 0 < hi <= 1e38 and -1e38 <= lo < 0  # capped so that hi - lo stays finite
+    scale, _ = m.act_qparams()
+    assert torch.isfinite(scale) and torch.isfinite(m(torch.randn(4, 16))).all()
+
+
+@pytest.mark.parametrize("search", ["exact", "histogram"])
+@pytest.mark.parametrize("phase", ["fresh", "mid_calibration"])
+def test_calibration_values_that_would_overflow_the_matmul_are_refused(search, phase):
+    m = _module(phase, search)
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match="would overflow float32"):
+        m(torch.full((4, 16), 3e38))
+    _assert_unchanged(m, before)
+    with pytest.raises(ValueError, match="would overflow float32"):
+        m.eval()(torch.full((4, 16), 3e38))  # eval before calibration passes x through as well
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("phase", ["fresh", "mid_calibration"])
+def test_histogram_calibration_beyond_its_range_is_refused(phase):
+    m = _small_weights(_module(phase, "histogram"))
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match="histogram IFMR's range.*ifmr_search='exact'"):
+        m(_with(1e38))
+    _assert_unchanged(m, before)
+
+
+def test_histogram_calibration_below_its_range_limit_works():
+    m = _small_weights(_module("fresh", "histogram"))
+    m(_with(5e37))
+    assert torch.isfinite(m.acts_clip_max.detach()) and float(m.calib_range) > 0
+
+
+@pytest.mark.xfail(strict=True, raises=OverflowError,
+                   reason="ifmr.hist_update: growing the range by a factor >= 2**63 overflows "
+                          "torch.arange(bins) // factor (factor is a Python int)")
+def test_histogram_range_can_grow_by_a_huge_factor_between_batches():
+    m = _small_weights(_module("mid_calibration", "histogram"))  # range ~4 after one randn batch
+    m(_with(5e37))
+    assert m.is_calibrated and torch.isfinite(m.acts_clip_max.detach())
+
+
+@pytest.mark.parametrize("search, step", [("exact", "ifmr_exact"), ("histogram", "ifmr_histogram"),
+                                          ("histogram", "hist_update")])
+def test_an_error_inside_a_calibration_step_changes_nothing(monkeypatch, search, step):
+    """Statistics are computed first and stored last: whatever fails midway leaves no trace."""
+    import amct_pytorch.nn.module.quantization.linear as linear
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken step")
+
+    m = _module("mid_calibration", search)
+    before = _snapshot(m)
+    monkeypatch.setattr(linear, step, broken)
+    with pytest.raises(RuntimeError, match="broken step"):
+        m(torch.randn(4, 16))
+    _assert_unchanged(m, before)
+    assert not m.is_calibrated
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38, 1e37])
+def test_values_near_float32_limits_after_calibration_are_clipped_finitely(value):
+    m = _module("calibrated")
+    x = _with(value)
+    y = m(x)
+    assert torch.isfinite(y).all()
+    with torch.no_grad():
+        m.eval()
+        assert torch.isfinite(m(x)).all()
+
+
+@pytest.mark.xfail(strict=True, reason="functional.ulq_act_grads: x/scale overflows to inf and "
+                                       "(round(v) - v) * mask gives inf - inf = NaN for clipped values")
+def test_clip_gradients_stay_finite_for_values_near_float32_limits():
+    m = _module("calibrated")
+    m(_with(3e38)).sum().backward()
+    assert torch.isfinite(m.acts_clip_max.grad) and torch.isfinite(m.acts_clip_min.grad)
+
+
+@pytest.mark.parametrize("key, value, error, match", [
+    ("clip_max", NAN, ValueError, "clip_max: expected a real number in"),
+    ("clip_max", INF, ValueError, "clip_max: expected a real number in"),
+    ("clip_min", -INF, ValueError, "clip_min: expected a real number in"),
+    ("clip_min", NAN, ValueError, "clip_min: expected a real number in"),
+    ("clip_max", 3e38, ValueError, r"clip_max: expected a real number in \(0, 1e\+38\]"),
+    ("clip_min", -3e38, ValueError, r"clip_min: expected a real number in \[-1e\+38, 0\)"),
+    ("clip_max", 10**400, ValueError, "clip_max: expected a real number in"),  # int beyond float range
+    ("clip_max", "1.0", TypeError, "clip_max"),
+    ("clip_max", torch.tensor(1.0), TypeError, "clip_max"),
+])
+def test_configs_with_non_finite_or_huge_clip_bounds_are_refused(key, value, error, match):
+    with pytest.raises(error, match=match):
+        LinearQAT(4, 2, config={"retrain_data_config": {key: value}})
+
+
+def test_config_bounds_that_give_a_degenerate_grid_are_refused():
+    with pytest.raises(ValueError, match="clip_max/clip_min.*degenerate"):
+        LinearQAT(4, 2, config={"retrain_data_config": {"clip_max": 1e-6, "clip_min": -1e-6}})
+    with pytest.raises(ValueError, match="clip_max/clip_min.*degenerate"):
+        LinearQAT(4, 2, config={"retrain_data_config": {"clip_max": 1e-6, "fixed_min": True}})
+    m = LinearQAT(4, 2, config={"retrain_data_config": {"clip_max": 1e38, "clip_min": -1e38}})
+    scale, _ = m.act_qparams()
+    assert torch.isfinite(scale) and torch.isfinite(m(torch.randn(3, 4))).all()
+
+
+def test_a_failed_call_inside_calibrating_changes_nothing():
+    m = _module("mid_calibration").eval()
+    before = _snapshot(m)
+    with calibrating(), pytest.raises(ValueError):
+        m(_with(NAN))
+    _assert_unchanged(m, before)
