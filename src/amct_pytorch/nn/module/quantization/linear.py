@@ -210,13 +210,16 @@ class LinearQAT(nn.Linear):
         with torch.no_grad():
             lo, hi = torch.aminmax(x)
             amax = torch.maximum(-lo, hi).double()
-            bound = amax * self.weight.double().abs().sum(1).amax()
+            wq = fake_quant_weight(self.weight, self.weight_qparams(), self.config.retrain_weight_config.num_bits)
+            bound = amax * wq.double().abs().sum(1).amax()
             if self.bias is not None:
                 bound = bound + self.bias.double().abs().amax()
-            if float(bound) > _FLOAT32_MAX:
+            # float32 accumulation may overshoot the exact sum by about in_features ulps
+            bound = float(bound) * (1 + self.in_features * 2.0**-23)
+            if bound > _FLOAT32_MAX:
                 raise ValueError(
                     f"input: values up to |x| = {float(amax):.3g} would overflow float32 in this layer's output "
-                    f"during calibration (max|x| * max row sum |w| + max|b| = {float(bound):.3g} > "
+                    f"during calibration (max|x| * max row sum |w_q| + max|b| = {bound:.3g} > "
                     f"{_FLOAT32_MAX:.3g}); rescale the input"
                 )
 
