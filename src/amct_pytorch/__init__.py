@@ -1,6 +1,9 @@
 """amct_pytorch: quantization-aware training with AMCT's LinearQAT API, on any PyTorch device."""
 from .config import DataQuantConfig, QATConfig, WeightQuantConfig, parse_config
 from .nn.module.quantization.linear import LinearQAT, calibrating
+from .export import DeployedLinear, ExportResult, deploy_view, export_onnx
+from .quant_record import load_quant_record, save_quant_record
 
-__all__ = ["LinearQAT", "calibrating", "parse_config", "QATConfig", "DataQuantConfig", "WeightQuantConfig"]
+__all__ = ["LinearQAT", "calibrating", "parse_config", "QATConfig", "DataQuantConfig", "WeightQuantConfig",
+           "export_onnx", "ExportResult", "deploy_view", "DeployedLinear", "save_quant_record", "load_quant_record"]
 __version__ = "0.1.0"

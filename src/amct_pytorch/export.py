@@ -48,8 +48,8 @@ def require_calibrated(module) -> None:
     if not module.is_calibrated:
         data = module.config.retrain_data_config
         raise RuntimeError(
-            f"{_describe(module)}: activation calibration has not finished "
-            f"({int(module.calib_batches)}/{data.batch_num} batches seen), so there is no activation "
+            f"{_describe(module)}: activation calibration has not finished (it needs batch_num="
+            f"{data.batch_num} calibration forwards), so there is no activation "
             "scale to export. Run the calibration forwards (train mode, or inside amct_pytorch.calibrating()) "
             "or load a calibrated state_dict / quant record first."
         )
@@ -288,11 +288,24 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
     return ExportResult(path, diff)
 
 
-def ort_max_abs_diff(model: nn.Module, inputs: tuple[torch.Tensor, ...], path) -> float:
-    """Max abs difference between ONNX Runtime (CPU provider) on `path` and `model(*inputs)`."""
+# ONNX Runtime rewrites that change what a QDQ graph computes (measured with onnxruntime 1.32):
+# WeightBiasQuantization turns the float bias after DequantizeLinear->Gemm into int32 codes at
+# scale s_x*s_w (as integer runtimes do), moving outputs by up to s_x*s_w/2; ReluQuantRewrite
+# drops a Relu in front of an INT4 QuantizeLinear even when the zero point is not qmin.
+ORT_DISABLED_OPTIMIZERS = ("WeightBiasQuantization", "ReluQuantRewrite")
+
+
+def ort_session(path):
+    """An ONNX Runtime CPU session that computes exactly what the exported graph says."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS))
+
+
+def ort_max_abs_diff(model: nn.Module, inputs: tuple[torch.Tensor, ...], path) -> float:
+    """Max abs difference between ONNX Runtime (CPU provider) on `path` and `model(*inputs)`."""
+    session = ort_session(path)
     feed = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
     got = session.run(None, feed)
     with torch.no_grad():
