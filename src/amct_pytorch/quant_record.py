@@ -116,8 +116,8 @@ def _check_layer(name, m, rec) -> dict:
             raise ValueError(f"{where}.{key}: expected a list of {n_scales} values for this layer, got "
                              f"{len(values) if isinstance(values, list) else type(values).__name__}")
     for i, v in enumerate(scale_w):
-        if _number(v, f"{where}.scale_w[{i}]") <= 0:
-            raise ValueError(f"{where}.scale_w[{i}]: expected a number > 0, got {v!r}")
+        if _number(v, f"{where}.scale_w[{i}]") == 0:  # learnable (ULQ) scales may have turned negative
+            raise ValueError(f"{where}.scale_w[{i}]: expected a nonzero number, got {v!r}")
     if any(_number(v, f"{where}.offset_w", integer=True) != 0 for v in offset_w):
         raise ValueError(f"{where}.offset_w: weights are quantized symmetrically, so every offset must be 0")
     qmin, qmax = int_range(data.num_bits)
