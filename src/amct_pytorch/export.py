@@ -126,7 +126,7 @@ def _graph_qparams(module) -> QParams:
 def _as_constants(q: QParams) -> QParams:
     """Real tensors -> tensors the TorchScript tracer records as constants, not as ops on parameters."""
     def const(t):
-        return torch.tensor(t.tolist(), dtype=t.dtype)
+        return torch.tensor(t.tolist(), dtype=t.dtype, device=t.device)
     return q._replace(act_scale=const(q.act_scale), act_offset=const(q.act_offset),
                       weight_scale=const(q.weight_scale))
 
@@ -154,7 +154,8 @@ def export_forward(module, x: torch.Tensor) -> torch.Tensor:
     else:
         if any(isinstance(d, torch.SymInt) for d in x.shape):
             raise RuntimeError(
-                f"{_describe(module)}: plain torch.onnx.export(dynamo=True) with dynamic shapes is not supported "
+                f"{_describe(module)}: plain torch.onnx.export(dynamo=True) (or torch.export) with dynamic shapes "
+                "is not supported "
                 "(torch's fake-quant op with tensor scales has no symbolic-shape kernel). Use "
                 "amct_pytorch.export_onnx(model, example_inputs, path), whose dims are dynamic by default, "
                 "or torch.onnx.export(..., dynamo=False, dynamic_axes=...)."
@@ -165,7 +166,7 @@ def export_forward(module, x: torch.Tensor) -> torch.Tensor:
         zeros = torch.zeros_like(q.weight_scale, dtype=torch.int32)
         wq = torch.fake_quantize_per_channel_affine(module.weight, q.weight_scale, zeros, 0, -128, 127)
     else:
-        zero = torch.zeros((), dtype=torch.int32)
+        zero = torch.zeros((), dtype=torch.int32, device=x.device)
         wq = torch.fake_quantize_per_tensor_affine(module.weight, q.weight_scale.reshape(()), zero, -128, 127)
     return F.linear(xq, wq, module.bias)
 
@@ -176,7 +177,7 @@ def quant_dequant(x: torch.Tensor, scale: torch.Tensor, zero_point: list[int], a
                   num_bits: int) -> torch.Tensor:
     """ONNX QuantizeLinear then DequantizeLinear: (clamp(round(x/s) + z) - z) * s; axis -1 = per tensor."""
     qmin, qmax = int_range(num_bits)
-    zp = torch.tensor(zero_point, dtype=x.dtype)
+    zp = torch.tensor(zero_point, dtype=x.dtype, device=x.device)
     s = scale
     if axis >= 0:
         shape = [1] * x.dim()
