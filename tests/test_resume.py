@@ -114,3 +114,40 @@ def test_loading_a_checkpoint_with_a_bad_calibration_buffer_says_which_key():
     state["calib_samples"] = torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="calib_samples.*1-d"):
         m.load_state_dict(state)
+
+
+# ---- determinism: same seed, same data, same results ----------------------------------
+def _digest_of_a_run() -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, config in CONFIGS.items():
+        model = _model(config, seed=0)
+        opt = _optimizer(model)
+        losses = _train(model, opt, _batches())
+        digest.update(name.encode())
+        for v in losses:
+            digest.update(v.numpy().tobytes())
+        for k, v in sorted(model.state_dict().items()):
+            digest.update(k.encode() + v.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_runs_are_deterministic_in_process():
+    assert _digest_of_a_run() == _digest_of_a_run()
+
+
+def test_runs_are_deterministic_across_processes():
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = "import test_resume; print(test_resume._digest_of_a_run())"
+    runs = [subprocess.Popen([sys.executable, "-c", code], cwd=here, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=180) for run in runs]
+    for run, (_, err) in zip(runs, outputs):
+        assert run.returncode == 0, err
+    digests = [out.strip().splitlines()[-1] for out, _ in outputs]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
