@@ -18,6 +18,8 @@ CONFIGS = {
     "per_channel": {"retrain_weight_config": {"channel_wise": True}},
     "int4": {"retrain_data_config": {"dst_type": "INT4"},
              "retrain_weight_config": {"dst_type": "INT4", "channel_wise": True}},
+    "int4_per_tensor": {"retrain_data_config": {"dst_type": "INT4"}, "retrain_weight_config": {"dst_type": "INT4"}},
+    "int8_act_int4_weight": {"retrain_weight_config": {"dst_type": "INT4", "channel_wise": True}},
     "fixed_min": {"retrain_data_config": {"fixed_min": True}},
     "ulq": {"retrain_weight_config": {"weights_retrain_algo": "ulq_quantize"}},
 }
@@ -68,7 +70,7 @@ def state_bytes(model):
 
 
 CASES = [(c, k, e) for c in CONFIGS for k in ("mlp", "3d") for e in ("dynamo", "torchscript")
-         if not (c == "int4" and e == "torchscript")]
+         if not ("int4" in c and e == "torchscript")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
@@ -167,7 +169,6 @@ def test_one_qdq_pair_per_activation_and_weight(exported):
     qat = layers(model)
     assert len(pairs) == 2 * len(qat)
     assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 2 * len(qat)
-    int4 = exported["config"] == "int4"
     for i, m in enumerate(qat):
         (qa, dqa), (qw, dqw) = pairs[2 * i], pairs[2 * i + 1]
         assert qa.input[0] not in values and values.get(qw.input[0]) is not None  # activation, then weight
@@ -186,8 +187,9 @@ def test_one_qdq_pair_per_activation_and_weight(exported):
             assert axis == 0 and w_scale.shape == (m.out_features,)
         else:
             assert w_scale.shape == ()
-        zp_types = {proto_type(proto, q.input[2]) for q in (qa, qw)}
-        assert zp_types == {TensorProto.INT4 if int4 else TensorProto.INT8}
+        zp_type = {4: TensorProto.INT4, 8: TensorProto.INT8}
+        assert proto_type(proto, qa.input[2]) == zp_type[m.config.retrain_data_config.num_bits]
+        assert proto_type(proto, qw.input[2]) == zp_type[m.config.retrain_weight_config.num_bits]
 
 
 def proto_type(proto, name):

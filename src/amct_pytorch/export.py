@@ -242,8 +242,9 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
     The scales and zero points are written as constants computed from the real parameters (the
     values the eval forward uses). With `dynamic`, every input dimension but the last is dynamic.
     With `check`, the file is run in ONNX Runtime's CPU provider on `example_inputs` and compared with
-    `model(*example_inputs)`; a max abs difference above `atol` raises. INT4 layers need dynamo=True
-    (opset 21, chosen automatically).
+    `model(*example_inputs)`; a max abs difference above `atol` raises. The check session leaves two
+    ONNX Runtime rewrites off (`ORT_DISABLED_OPTIMIZERS`) that change what the graph computes.
+    INT4 layers need dynamo=True (opset 21, chosen automatically).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
