@@ -24,6 +24,9 @@ CONFIGS = {
     "ulq": {"retrain_weight_config": {"weights_retrain_algo": "ulq_quantize"}},
 }
 ATOL = 1e-5
+# the TorchScript exporter is deprecated and its tracer warns about the Python-side shape checks
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
 
 
 class MLP(nn.Module):
