@@ -222,3 +222,24 @@ def test_a_failed_call_inside_calibrating_changes_nothing():
     with calibrating(), pytest.raises(ValueError):
         m(_with(NAN))
     _assert_unchanged(m, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("search", ["exact", "histogram"])
+@pytest.mark.parametrize("value", [0.0, 1e-30, 5.0, None])
+def test_calibration_on_cuda_gives_the_cpu_grid(search, value):
+    cfg = {"retrain_data_config": {"batch_num": 2, "ifmr_search": search}}
+    torch.manual_seed(0)
+    cpu = LinearQAT(16, 8, config=cfg).train()
+    gpu = LinearQAT(16, 8, config=cfg, device="cuda").train()
+    gpu.load_state_dict(cpu.state_dict())
+    for i in range(2):
+        x = torch.randn(64, 16) * (i + 1) if value is None else torch.full((64, 16), value)
+        cpu(x), gpu(x.cuda())
+    assert gpu.is_calibrated and gpu.acts_clip_max.device.type == "cuda"
+    for name in ("acts_clip_max", "acts_clip_min", "acts_scale", "acts_offset"):
+        torch.testing.assert_close(getattr(gpu, name).detach().cpu(), getattr(cpu, name).detach(), rtol=1e-6, atol=0)
+    before = _snapshot(gpu)
+    with pytest.raises(ValueError, match="NaN"):
+        gpu(torch.full((4, 16), NAN, device="cuda"))
+    _assert_unchanged(gpu, before)
