@@ -243,3 +243,14 @@ def test_calibration_on_cuda_gives_the_cpu_grid(search, value):
     with pytest.raises(ValueError, match="NaN"):
         gpu(torch.full((4, 16), NAN, device="cuda"))
     _assert_unchanged(gpu, before)
+
+
+@pytest.mark.parametrize("cast", ["double", "half", "bfloat16"])
+def test_a_module_cast_to_another_dtype_is_refused_before_any_state_change(cast):
+    m = getattr(_module("mid_calibration"), cast)()
+    before = _snapshot(m)
+    with pytest.raises(TypeError, match=r"module: LinearQAT supports only torch.float32.*\.float\(\)"):
+        m(torch.randn(4, 16))
+    _assert_unchanged(m, before)
+    m.float()(torch.randn(4, 16))  # cast back, it calibrates on
+    assert m.is_calibrated

@@ -189,6 +189,11 @@ class LinearQAT(nn.Linear):
             raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype != torch.float32:
             raise TypeError(f"input: expected dtype torch.float32, got {x.dtype}")
+        if self.weight.dtype != torch.float32 or self.acts_clip_max.dtype != torch.float32:
+            raise TypeError(
+                f"module: LinearQAT supports only torch.float32 parameters, but it holds {self.weight.dtype} "
+                "(cast by .double()/.half()/.to(dtype)?); call .float() on it"
+            )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"input: expected shape (..., {self.in_features}) (last dim = in_features), got {tuple(x.shape)}"
