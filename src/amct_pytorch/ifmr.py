@@ -58,6 +58,9 @@ def _bounds(amax, denom, best_ratio, num_bits):
 def ifmr_exact(values: torch.Tensor, num_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """The spec's exact IFMR search over every value (memory: one copy of `values`).
 
+    Every candidate's error is evaluated element by element in float32 as the spec says;
+    the sum of squares is one dot product (the mean's 1/n is common to all candidates).
+
     The data is scaled by a power of two so that M lies in [0.5, 1): every operation of
     the search commutes exactly with that scaling, so the chosen candidate is the one the
     unscaled search picks, and values near the float32 limits cannot overflow.
@@ -69,13 +72,19 @@ def ifmr_exact(values: torch.Tensor, num_bits: int = 8) -> tuple[torch.Tensor, t
     x = torch.ldexp(x, -exponent)
     cands = ratios(x.device) * torch.ldexp(amax, -exponent)
     steps = cands / denom
-    errors = torch.empty_like(cands)
+    errors = torch.empty(cands.numel(), dtype=torch.float64, device=x.device)
     buf = torch.empty_like(x)
+    # clamping to c is the identity for every c >= max|x|: those candidates skip it
+    clamps = (cands < x.abs().max()).tolist()
     for i in range(cands.numel()):
         c, s = cands[i], steps[i]
-        torch.clamp(x, -c, c, out=buf)
-        buf.div_(s).round_().mul_(s).sub_(x).square_()
-        errors[i] = buf.mean()
+        if clamps[i]:
+            torch.clamp(x, -c, c, out=buf)
+            buf.div_(s)
+        else:
+            torch.div(x, s, out=buf)
+        buf.round_().mul_(s).sub_(x)
+        errors[i] = torch.dot(buf, buf)  # n * mean square error; n is common to all candidates
     best = torch.argmin(errors)  # first minimum on ties
     return _bounds(amax, denom, ratios(x.device)[best], num_bits)
 
