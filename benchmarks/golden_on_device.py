@@ -1,0 +1,72 @@
+"""Replay the golden recordings (tests/data) with LinearQAT on any device, eager and compiled.
+
+The same per-step procedure as tests/test_golden.py, with module and inputs moved to
+--device; prints the largest deviation per case and fails above --tol (default 1e-6).
+  python3 benchmarks/golden_on_device.py --device cuda [--compiled]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+from amct_pytorch import LinearQAT, qat_function
+
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+CASES = ["a_default", "b_batch_num2", "c_clip_given", "d_fixed_min", "e_ulq_weights"]
+
+
+def replay(name, device):
+    """Largest |ours - reference| over outputs, loss, gradients and stored factors of every step."""
+    rec = torch.load(DATA / f"{name}.pt", weights_only=True)
+    cfg = None if rec["config"] == "None" else rec["config"]
+    torch.manual_seed(0)
+    m = LinearQAT.from_float(torch.nn.Linear(64, 32), config=copy.deepcopy(cfg)).to(device).train()
+    fixed_min = bool(cfg and cfg.get("retrain_data_config", {}).get("fixed_min"))
+    steps = rec["steps"][:1] if name.startswith("e_") else rec["steps"]
+    worst = 0.0
+    for step in steps:
+        with torch.no_grad():
+            m.weight.copy_(step["weight_before_forward"])
+            m.bias.copy_(step["bias_before_forward"])
+            if step["acts_quantized_this_step"]:
+                m.acts_clip_max.copy_(step["acts_clip_max_before_forward"])
+                if not fixed_min:
+                    m.acts_clip_min.copy_(step["acts_clip_min_before_forward"])
+        m.zero_grad(set_to_none=True)
+        y = m(step["input"].to(device))
+        loss = y.pow(2).mean()
+        loss.backward()
+        pairs = [(y, "output"), (loss, "loss"), (m.weight.grad, "grad_weight"), (m.bias.grad, "grad_bias"),
+                 (m.wts_scales, "wts_scales_after_forward")]
+        if step["acts_quantized_this_step"]:
+            pairs += [(m.acts_clip_max, "acts_clip_max_after_forward"), (m.acts_clip_max.grad, "grad_acts_clip_max")]
+            if not fixed_min:
+                pairs += [(m.acts_clip_min.grad, "grad_acts_clip_min")]
+        for ours, key in pairs:
+            ref = step[key]
+            worst = max(worst, float((ours.detach().cpu().reshape(ref.shape) - ref).abs().max()))
+    return worst
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compiled", action="store_true", help="use the torch.compile kernels")
+    p.add_argument("--tol", type=float, default=1e-6)
+    args = p.parse_args(argv)
+    qat_function.use_compiled_kernels(args.compiled)
+    failed = False
+    for name in CASES:
+        worst = replay(name, torch.device(args.device))
+        ok = worst <= args.tol
+        failed |= not ok
+        print(f"{name:15s} device={args.device} compiled={args.compiled} max|diff|={worst:.3g} {'ok' if ok else 'FAIL'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
