@@ -7,9 +7,9 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > "$OUT/env.txt" 2>&1
-timeout 60 python3 benchmarks/golden_on_device.py --device cuda > "$OUT/golden_cuda.txt" 2>&1
-timeout 90 python3 benchmarks/golden_on_device.py --device cuda --compiled > "$OUT/golden_cuda_compiled.txt" 2>&1
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_linear_qat.py -k cuda > "$OUT/pytest_cuda.txt" 2>&1
-timeout 180 python3 benchmarks/bench_linear.py --device cuda --peers "torch.ao QAT" --reps 11 --warmup 3 \
+timeout 50 python3 benchmarks/golden_on_device.py --device cuda > "$OUT/golden_cuda.txt" 2>&1
+timeout 80 python3 benchmarks/golden_on_device.py --device cuda --compiled > "$OUT/golden_cuda_compiled.txt" 2>&1
+timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_linear_qat.py -k cuda > "$OUT/pytest_cuda.txt" 2>&1
+timeout 170 python3 benchmarks/bench_linear.py --device cuda --peers "torch.ao QAT" --reps 11 --warmup 3 \
   --json "$OUT/results_cuda.json" > "$OUT/bench_cuda.txt" 2>&1
 tail -n 3 "$OUT"/*.txt
