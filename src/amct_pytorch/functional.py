@@ -34,12 +34,13 @@ def act_qparams(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: int):
 
 # Eager elementwise work runs over blocks of this many elements on CPU: each block's
 # temporaries stay cache-resident and nothing activation-sized is allocated beyond the
-# result (large fresh allocations page-fault on every call). CUDA takes the whole tensor.
+# result (large fresh allocations page-fault on every call).
 CPU_BLOCK = 1 << 16
+GPU_TEMP_BLOCK = 1 << 20  # on GPUs, blocks only bound the ULQ temporaries (3 x 4 MB)
 
 
-def _blocks(numel: int, device: torch.device):
-    step = numel if device.type != "cpu" else CPU_BLOCK
+def _blocks(numel: int, device: torch.device, gpu_block: int | None = None):
+    step = CPU_BLOCK if device.type == "cpu" else (gpu_block or numel)
     return [(start, min(start + step, numel)) for start in range(0, numel, max(step, 1))]
 
 
@@ -111,7 +112,7 @@ def ulq_act_grads(x, grad_out, scale, offset, clip_max, clip_min, num_bits, need
     if not inplace or g.data_ptr() != grad_out.data_ptr():
         g = g.clone()
     flat_x, flat_g = x.view(-1), g.view(-1)
-    blocks = _blocks(x.numel(), x.device)
+    blocks = _blocks(x.numel(), x.device, GPU_TEMP_BLOCK)
     width = blocks[0][1] - blocks[0][0]
     up_f, dn_f, v_buf = (flat_g.new_empty(width) for _ in range(3))  # reused by every block
     parts_e, parts_up, parts_dn = [], [], []
