@@ -92,7 +92,7 @@ def _torch_ao(i, o, bits, channel_wise, device):
         def forward(self, x):
             return self.lin(self.act(x))
 
-    return AoLinear()
+    return AoLinear().to(device)
 
 
 def _torchao(i, o, bits, channel_wise, device):
@@ -133,10 +133,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _train_step(mod, x, g):
+def _drop_grads(mod, x):
     def run():
         mod.zero_grad(set_to_none=True)
         x.grad = None
+    return run
+
+
+def _train_step(mod, x, g):
+    drop = _drop_grads(mod, x)
+
+    def run():
+        drop()
         mod(x).backward(g)
     return run
 
@@ -172,8 +180,14 @@ def paired_ratio(base, fn, reps, warmup, device):
     return statistics.median(ratios), statistics.median(base_times), min(fn_times) / min(base_times)
 
 
-def peak_bytes(fn, device):
-    """Peak bytes allocated by torch during fn() above what was allocated before it."""
+def peak_bytes(fn, device, prepare=None):
+    """Peak bytes allocated by torch during fn() above what was allocated before it.
+
+    prepare() runs first, unmeasured (e.g. dropping last step's gradients), so that frees
+    of older blocks inside fn do not count against this step.
+    """
+    if prepare is not None:
+        prepare()
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -215,7 +229,7 @@ def bench_training(shape, bits, channel_wise, impls, args, device, skipped):
     g = torch.randn(n, o, device=device)
     base = nn.Linear(i, o, device=device)
     base_step, base_eval = _train_step(base, x, g), _eval_forward(base, x)
-    base_peak = peak_bytes(base_step, device)
+    base_peak = peak_bytes(base_step, device, _drop_grads(base, x))
     weight_mb = i * o * 4 / 2**20
     rows = []
     for name, build in impls.items():
@@ -229,7 +243,7 @@ def bench_training(shape, bits, channel_wise, impls, args, device, skipped):
                     mod(x)  # calibrates ours; observers of the peers see one batch
                 train, base_ms, train_min = paired_ratio(base_step, _train_step(mod, x, g), args.reps, args.warmup,
                                                          device)
-                extra = (peak_bytes(_train_step(mod, x, g), device) - base_peak) / 2**20
+                extra = (peak_bytes(_train_step(mod, x, g), device, _drop_grads(mod, x)) - base_peak) / 2**20
                 mod.eval()
                 evl, base_eval_ms, eval_min = paired_ratio(base_eval, _eval_forward(mod, x), args.reps, args.warmup,
                                                            device)

@@ -20,15 +20,15 @@ CASES = ["a_default", "b_batch_num2", "c_clip_given", "d_fixed_min", "e_ulq_weig
 
 
 def replay(name, device):
-    """Largest |ours - reference| over outputs, loss, gradients and stored factors of every step."""
+    """(largest |ours - reference|, where) over outputs, loss, gradients and stored factors of every step."""
     rec = torch.load(DATA / f"{name}.pt", weights_only=True)
     cfg = None if rec["config"] == "None" else rec["config"]
     torch.manual_seed(0)
     m = LinearQAT.from_float(torch.nn.Linear(64, 32), config=copy.deepcopy(cfg)).to(device).train()
     fixed_min = bool(cfg and cfg.get("retrain_data_config", {}).get("fixed_min"))
     steps = rec["steps"][:1] if name.startswith("e_") else rec["steps"]
-    worst = 0.0
-    for step in steps:
+    worst, where = 0.0, ""
+    for t, step in enumerate(steps):
         with torch.no_grad():
             m.weight.copy_(step["weight_before_forward"])
             m.bias.copy_(step["bias_before_forward"])
@@ -48,8 +48,10 @@ def replay(name, device):
                 pairs += [(m.acts_clip_min.grad, "grad_acts_clip_min")]
         for ours, key in pairs:
             ref = step[key]
-            worst = max(worst, float((ours.detach().cpu().reshape(ref.shape) - ref).abs().max()))
-    return worst
+            diff = float((ours.detach().cpu().reshape(ref.shape) - ref).abs().max())
+            if diff > worst:
+                worst, where = diff, f"step {t} {key} (|ref| max {float(ref.abs().max()):.3g})"
+    return worst, where
 
 
 def main(argv=None):
@@ -61,10 +63,11 @@ def main(argv=None):
     qat_function.use_compiled_kernels(args.compiled)
     failed = False
     for name in CASES:
-        worst = replay(name, torch.device(args.device))
+        worst, where = replay(name, torch.device(args.device))
         ok = worst <= args.tol
         failed |= not ok
-        print(f"{name:15s} device={args.device} compiled={args.compiled} max|diff|={worst:.3g} {'ok' if ok else 'FAIL'}")
+        print(f"{name:15s} device={args.device} compiled={args.compiled} max|diff|={worst:.3g} at {where} "
+              f"{'ok' if ok else 'FAIL'}")
     return 1 if failed else 0
 
 

@@ -141,7 +141,9 @@ def ifmr_histogram(hist: torch.Tensor, hist_range: torch.Tensor, minmax: torch.T
         lo = torch.maximum(-(bins - lo_bin) * width, minmax[0]).clamp(max=0.0)
     amax, denom = _candidates(hi.float(), lo.float(), num_bits)
     counts = (neg + pos).double()
-    centres = (torch.arange(bins, device=hist.device, dtype=torch.float64) + 0.5) * width.double()
+    filled = torch.nonzero(counts).reshape(-1)  # empty bins add nothing: leave them out
+    counts = counts[filled]
+    centres = (filled.double() + 0.5) * width.double()
     cands = (ratios(hist.device) * amax).double().unsqueeze(1)
     steps = cands / denom.double()
     err = (torch.round(torch.minimum(centres, cands) / steps) * steps - centres).square()

@@ -75,14 +75,14 @@ class QuantSpec(NamedTuple):
 
 class QATLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, clip_max, clip_min, w_scale, spec: QuantSpec, wq=None):
+    def forward(ctx, x, weight, bias, clip_max, clip_min, w_scale, spec: QuantSpec, wq=None, act_grid=None):
         if wq is None:
             wq = _fq_weight(weight, w_scale, spec.weight_bits, spec.compiled)
         if spec.act_bits is None:
             a_scale = a_offset = None
             xq = x
         else:
-            a_scale, a_offset = act_qparams(clip_max, clip_min, spec.act_bits)
+            a_scale, a_offset = act_grid if act_grid is not None else act_qparams(clip_max, clip_min, spec.act_bits)
             xq = _fq_act(x, a_scale, a_offset, spec.act_bits, spec.compiled)
         ctx.spec = spec
         ctx.save_for_backward(x, weight, wq, w_scale, clip_max, clip_min, a_scale, a_offset)
@@ -115,14 +115,15 @@ class QATLinearFunction(torch.autograd.Function):
                 grad_x = grad_xq
             if grad_x is not None:
                 grad_x = grad_x.reshape(x.shape)
-        return grad_x, grad_w, grad_b, grad_max, grad_min, grad_s, None, None
+        return grad_x, grad_w, grad_b, grad_max, grad_min, grad_s, None, None, None
 
 
-def qat_linear(x, weight, bias, clip_max, clip_min, w_scale, spec: QuantSpec, wq=None):
-    """ŷ = linear(x̂, ŵ, b); `wq` may pass a ready ŵ (it must equal fq_weight(weight, w_scale))."""
+def qat_linear(x, weight, bias, clip_max, clip_min, w_scale, spec: QuantSpec, wq=None, act_grid=None):
+    """ŷ = linear(x̂, ŵ, b). Optional ready-made operands: `wq` = fq_weight(weight, w_scale) and
+    `act_grid` = act_qparams(clip_max, clip_min, spec.act_bits), both without autograd history."""
     if spec.compiled != _COMPILED:
         spec = spec._replace(compiled=_COMPILED)
-    return QATLinearFunction.apply(x, weight, bias, clip_max, clip_min, w_scale, spec, wq)
+    return QATLinearFunction.apply(x, weight, bias, clip_max, clip_min, w_scale, spec, wq, act_grid)
 
 
 class WeightCache:

@@ -143,12 +143,17 @@ class LinearQAT(nn.Linear):
             w_scale, wq = self._weight_scale(True), None
         else:
             w_scale, wq = self._cached_weight()
-        if quant_act and update:
-            self._store_act_qparams()
-        wbits = self.config.retrain_weight_config.num_bits
-        spec = QuantSpec(self.config.retrain_data_config.num_bits if quant_act else None, wbits,
+        abits = self.config.retrain_data_config.num_bits
+        act_grid = None
+        if quant_act:  # the grid is computed once and shared with the autograd function
+            act_grid = self.act_qparams()
+            if update:
+                self.acts_scale.copy_(act_grid[0].reshape(1))
+                self.acts_offset.copy_(act_grid[1].reshape(1))
+        spec = QuantSpec(abits if quant_act else None, self.config.retrain_weight_config.num_bits,
                          self.config.retrain_weight_config.learnable_scale)
-        return qat_linear(x, self.weight, self.bias, self.acts_clip_max, self.acts_clip_min, w_scale, spec, wq)
+        return qat_linear(x, self.weight, self.bias, self.acts_clip_max, self.acts_clip_min, w_scale, spec, wq,
+                          act_grid)
 
     def _cached_weight(self):
         """(scale, ŵ) for a forward that does not update state, reused while neither the weight
