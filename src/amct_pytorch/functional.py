@@ -35,8 +35,8 @@ def act_qparams(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: int):
 # Eager elementwise work runs over blocks of this many elements on CPU: each block's
 # temporaries stay cache-resident and nothing activation-sized is allocated beyond the
 # result (large fresh allocations page-fault on every call).
-CPU_BLOCK = 1 << 16
-GPU_TEMP_BLOCK = 1 << 20  # on GPUs, blocks only bound the ULQ temporaries (3 x 4 MB)
+CPU_BLOCK = 1 << 17
+GPU_TEMP_BLOCK = 1 << 20  # on GPUs, blocks only bound the ULQ temporaries (2 x 4 MB)
 
 
 def _blocks(numel: int, device: torch.device, gpu_block: int | None = None):
@@ -114,17 +114,17 @@ def ulq_act_grads(x, grad_out, scale, offset, clip_max, clip_min, num_bits, need
     flat_x, flat_g = x.view(-1), g.view(-1)
     blocks = _blocks(x.numel(), x.device, GPU_TEMP_BLOCK)
     width = blocks[0][1] - blocks[0][0]
-    up_f, dn_f, v_buf = (flat_g.new_empty(width) for _ in range(3))  # reused by every block
+    up_buf, dn_buf = flat_g.new_empty(width), flat_g.new_empty(width)  # reused by every block
     parts_e, parts_up, parts_dn = [], [], []
     for start, stop in blocks:
         xb, gb = flat_x[start:stop], flat_g[start:stop]
-        up, dn, v = up_f[: stop - start], dn_f[: stop - start], v_buf[: stop - start]
+        up, dn = up_buf[: stop - start], dn_buf[: stop - start]
         torch.gt(xb, hi_t, out=up)  # 1.0 where clipped above
         torch.lt(xb, lo_t, out=dn)
         parts_up.append(torch.dot(gb, up))
         parts_dn.append(torch.dot(gb, dn))
         gb.addcmul_(gb, up.add_(dn), value=-1.0)  # g - g * 1 = 0 exactly: gb is now the x gradient
-        torch.div(xb, scale, out=v)
+        v = torch.div(xb, scale, out=dn)
         e = torch.round(v, out=up).sub_(v)
         parts_e.append(torch.dot(gb, e))
     g_up = torch.stack(parts_up).sum()
