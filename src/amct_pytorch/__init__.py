@@ -3,7 +3,11 @@ from .config import DataQuantConfig, QATConfig, WeightQuantConfig, parse_config
 from .nn.module.quantization.linear import LinearQAT, calibrating
 from .export import DeployedLinear, ExportResult, deploy_view, export_onnx
 from .quant_record import load_quant_record, save_quant_record
+from .convert import (ConversionSummary, calibrate, disable_quantization, enable_quantization,
+                      freeze_calibration, qat_layers, to_float, to_qat, unfreeze_calibration)
 
 __all__ = ["LinearQAT", "calibrating", "parse_config", "QATConfig", "DataQuantConfig", "WeightQuantConfig",
-           "export_onnx", "ExportResult", "deploy_view", "DeployedLinear", "save_quant_record", "load_quant_record"]
+           "export_onnx", "ExportResult", "deploy_view", "DeployedLinear", "save_quant_record", "load_quant_record",
+           "to_qat", "to_float", "ConversionSummary", "calibrate", "qat_layers", "freeze_calibration",
+           "unfreeze_calibration", "disable_quantization", "enable_quantization"]
 __version__ = "0.1.0"

@@ -1,0 +1,327 @@
+"""Model-wide conversion: swap every nn.Linear of a model for LinearQAT and back.
+
+Selecting layers (for `overrides` and `skip`), a key is one of
+- a str: an `fnmatch` shell-style pattern matched case-sensitively against the whole
+  qualified module name (`"encoder.layer.*.intermediate.dense"`, `"*.query"`);
+- a compiled `re.Pattern`: matched with `fullmatch` against the qualified name;
+- an nn.Module object: exactly that layer (wherever it is registered).
+Every key must select at least one convertible nn.Linear of the model, else ValueError:
+a typo must not silently leave a layer at the global config.
+
+Only exact `torch.nn.Linear` instances are converted. Subclasses (e.g. the
+`NonDynamicallyQuantizableLinear` inside nn.MultiheadAttention, whose weight is read
+directly by the attention kernel) are left alone and listed in the summary.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .config import QATConfig, parse_config
+from .nn.module.quantization.linear import LinearQAT, calibrating
+
+@dataclass
+class ConversionSummary:
+    """What `to_qat` did. `converted` maps each qualified name to the config it got."""
+
+    converted: dict[str, QATConfig] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stayed float
+    overridden: dict[str, str] = field(default_factory=dict)  # name -> the override key that won
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} nn.Linear layer(s) to LinearQAT"
+                 f" ({len(self.overridden)} with a per-layer override)"]
+        for name, cfg in self.converted.items():
+            w, d = cfg.retrain_weight_config, cfg.retrain_data_config
+            kind = "per-channel" if w.channel_wise else "per-tensor"
+            how = f"W:{w.dst_type} {kind} {w.weights_retrain_algo}, A:{d.dst_type}"
+            if name in self.overridden:
+                how += f"  [override {self.overridden[name]}]"
+            lines.append(f"  {name}: {how}")
+        for name, why in self.skipped.items():
+            lines.append(f"  {name}: left as is ({why})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"converted": {n: c.to_dict() for n, c in self.converted.items()},
+                "skipped": dict(self.skipped), "overridden": dict(self.overridden)}
+
+
+def _key_text(key) -> str:
+    if isinstance(key, re.Pattern):
+        return f"re:{key.pattern}"
+    if isinstance(key, nn.Module):
+        return f"<{type(key).__name__} object>"
+    return repr(key)
+
+
+def _selector(key, arg: str) -> Callable[[str, nn.Module], bool]:
+    if isinstance(key, str):
+        return lambda name, mod: fnmatch.fnmatchcase(name, key)
+    if isinstance(key, re.Pattern):
+        return lambda name, mod: key.fullmatch(name) is not None
+    if isinstance(key, nn.Module):
+        return lambda name, mod: mod is key
+    raise TypeError(f"{arg}: each key must be a str (fnmatch pattern), a compiled re.Pattern or an "
+                    f"nn.Module layer, got {key!r} ({type(key).__name__})")
+
+
+def _no_match(key, arg: str, names: list[str]) -> ValueError:
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return ValueError(f"{arg}: {_key_text(key)} matches no convertible nn.Linear layer of the model; "
+                      f"layer names look like: {shown or '(the model has none)'}")
+
+
+def _linear_sites(model: nn.Module):
+    """(parent, attribute, qualified name, module) for every registration of every module."""
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():  # named_children() hides repeats
+            if child is None:
+                continue
+            yield parent, attr, f"{parent_name}.{attr}" if parent_name else attr, child
+
+
+def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = None,
+           skip: Iterable | None = None) -> ConversionSummary:
+    """Replace, in place, every exact nn.Linear of `model` by `LinearQAT.from_float`.
+
+    config: the global config (None, dict, JSON path or QATConfig) for every layer.
+    overrides: {key: config}; a matching layer gets that whole config instead of the
+        global one (no merging). A layer-object key beats any pattern; among patterns
+        the last matching entry wins.
+    skip: keys of layers to leave as float nn.Linear.
+    Everything is validated before the model is touched. Weights and biases are shared
+    with the original layers (the same Parameter objects), so an optimizer built before
+    conversion still sees them. A layer registered under several names is converted
+    once and replaced at every name (it is reported under its first name).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    global_cfg = parse_config(config)
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides: expected a dict {{pattern or layer: config}}, got {type(overrides).__name__}")
+    if skip is None:
+        skip = ()
+    if isinstance(skip, (str, re.Pattern, nn.Module)) or not isinstance(skip, Iterable):
+        raise TypeError(f"skip: expected a list of patterns or layers, got {skip!r} ({type(skip).__name__})")
+    skip = list(skip)
+
+    rules = []  # (key, selector, config, is_layer_object)
+    for key, cfg in overrides.items():
+        sel = _selector(key, "overrides")
+        try:
+            parsed = parse_config(cfg)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"overrides[{_key_text(key)}]: {err}") from None
+        rules.append((key, sel, parsed, isinstance(key, nn.Module)))
+    skips = [(key, _selector(key, "skip")) for key in skip]
+
+    sites = list(_linear_sites(model))
+    first_name: dict[int, str] = {}
+    for _, _, name, mod in sites:
+        first_name.setdefault(id(mod), name)
+    summary = ConversionSummary()
+    linear_names = []  # convertible candidates, each once
+    for _, _, name, mod in sites:
+        if first_name[id(mod)] != name or not isinstance(mod, nn.Linear):
+            continue
+        if isinstance(mod, LinearQAT):
+            summary.skipped[name] = "already a LinearQAT"
+        elif type(mod) is not nn.Linear:
+            summary.skipped[name] = f"subclass {type(mod).__name__} of nn.Linear is not converted"
+        else:
+            linear_names.append((name, mod))
+
+    used = set()
+    plan = {}  # id(module) -> (name, config, winning key text or None)
+    for name, mod in linear_names:
+        skipped_by = [k for k, sel in skips if sel(name, mod)]
+        used.update(id(k) for k in skipped_by)
+        matched = [(k, c, is_obj) for k, sel, c, is_obj in rules if sel(name, mod)]
+        used.update(id(k) for k, _, _ in matched)
+        if skipped_by:
+            summary.skipped[name] = f"skip list: {_key_text(skipped_by[0])}"
+            continue
+        winner = None
+        for k, c, is_obj in matched:
+            if winner is None or is_obj or not winner[2]:
+                winner = (k, c, is_obj)
+        cfg = winner[1] if winner else global_cfg
+        plan[id(mod)] = (name, cfg, _key_text(winner[0]) if winner else None)
+    names = [n for n, _ in linear_names]
+    for key, _ in skips:
+        if id(key) not in used:
+            raise _no_match(key, "skip", names)
+    for key, *_ in rules:
+        if id(key) not in used:
+            raise _no_match(key, "overrides", names)
+
+    # validated: now build every replacement, then swap them in
+    built = {}
+    for _, _, name, mod in sites:
+        if id(mod) in plan and id(mod) not in built:
+            _, cfg, _ = plan[id(mod)]
+            built[id(mod)] = LinearQAT.from_float(mod, config=cfg)
+    for parent, attr, _, mod in sites:
+        if id(mod) in built:
+            setattr(parent, attr, built[id(mod)])
+    for name, cfg, winner in plan.values():
+        summary.converted[name] = cfg
+        if winner is not None:
+            summary.overridden[name] = winner
+    return summary
+
+
+def to_float(model: nn.Module) -> list[str]:
+    """Replace, in place, every LinearQAT of `model` by a plain nn.Linear with its float
+    master weights (shared Parameters). Returns the qualified names restored."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    sites = [s for s in _linear_sites(model) if isinstance(s[3], LinearQAT)]
+    restored, done = [], {}
+    for parent, attr, name, mod in sites:
+        if id(mod) not in done:
+            done[id(mod)] = mod.to_float()
+            restored.append(name)
+        setattr(parent, attr, done[id(mod)])
+    return restored
+
+
+def qat_layers(model: nn.Module) -> dict[str, LinearQAT]:
+    """{qualified name: LinearQAT} of the model, each layer once."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearQAT)}
+
+
+def _require_layers(model: nn.Module, what: str) -> dict[str, LinearQAT]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    layers = qat_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no LinearQAT layer; convert it with to_qat first")
+    return layers
+
+
+def freeze_calibration(model: nn.Module) -> int:
+    """Stop learning the quantization ranges: activation clip bounds and learnable weight
+    scales get requires_grad=False (the float weights keep training). Returns the count
+    of layers. Build the optimizer after this, or it still holds the frozen tensors."""
+    layers = _require_layers(model, "freeze_calibration")
+    for m in layers.values():
+        for p in _range_params(m):
+            p.requires_grad_(False)
+    return len(layers)
+
+
+def unfreeze_calibration(model: nn.Module) -> int:
+    """Undo freeze_calibration (clip_min stays frozen where the config has fixed_min)."""
+    layers = _require_layers(model, "unfreeze_calibration")
+    for m in layers.values():
+        fixed_min = m.config.retrain_data_config.fixed_min
+        for p in _range_params(m):
+            p.requires_grad_(not (fixed_min and p is m.acts_clip_min))
+    return len(layers)
+
+
+def _range_params(m: LinearQAT):
+    params = [m.acts_clip_max, m.acts_clip_min]
+    if isinstance(m.wts_scales, nn.Parameter):
+        params.append(m.wts_scales)
+    return params
+
+
+def disable_quantization(model: nn.Module) -> int:
+    """Make every LinearQAT compute a plain float linear (retrain_enable=False) while
+    keeping all its quantization state; enable_quantization restores exactly the layers
+    disabled here. Returns the count of layers switched off."""
+    count = 0
+    for m in _require_layers(model, "disable_quantization").values():
+        if m.config.retrain_enable:
+            m.config = replace(m.config, retrain_enable=False)
+            m._amct_disabled = True
+            count += 1
+    return count
+
+
+def enable_quantization(model: nn.Module) -> int:
+    count = 0
+    for m in _require_layers(model, "enable_quantization").values():
+        if getattr(m, "_amct_disabled", False):
+            m.config = replace(m.config, retrain_enable=True)
+            del m._amct_disabled
+            count += 1
+    return count
+
+
+def _call(model, batch):
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def calibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = None,
+              forward: Callable | None = None, progress: bool = True) -> int:
+    """Calibrate every LinearQAT of `model` in one call (eval mode, no grad, inside
+    `amct_pytorch.calibrating()`), with a tqdm progress bar.
+
+    data: an iterable of batches (e.g. a DataLoader); a batch is passed as model(**batch)
+        for a dict, model(*batch) for a tuple/list, else model(batch), unless `forward`
+        (a callable forward(model, batch)) is given.
+    num_batches: how many batches to run; default: the largest `batch_num` among the
+        layers still calibrating (at least 1). Running more just repeats no-op updates.
+    The model's train/eval modes are restored afterwards. Returns the batches run.
+    Raises ValueError if the data ran out before every layer finished calibrating.
+    """
+    layers = _require_layers(model, "calibrate")
+    if num_batches is None:
+        pending = [m.config.retrain_data_config.batch_num for m in layers.values()
+                   if m.config.retrain_enable and not m.is_calibrated]
+        num_batches = max(pending, default=1)
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches: expected an int >= 1, got {num_batches!r}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward: expected a callable forward(model, batch), got {type(forward).__name__}")
+    run = forward or _call
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    done = 0
+    try:
+        bar = _progress(total=num_batches, desc="calibrating", unit="batch", disable=not progress)
+        with bar, torch.no_grad(), calibrating():
+            for batch in data:
+                run(model, batch)
+                done += 1
+                bar.update(1)
+                if done >= num_batches:
+                    break
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    missing = [n for n, m in layers.items() if m.config.retrain_enable and not m.is_calibrated]
+    if missing:
+        raise ValueError(f"data: ran out after {done} batch(es) but {len(missing)} layer(s) still need "
+                         f"calibration batches (e.g. {missing[0]}, batch_num="
+                         f"{layers[missing[0]].config.retrain_data_config.batch_num})")
+    return done
+
+
+def _progress(**kwargs):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the progress bar is optional; calibration is not
+        import contextlib
+
+        class _Silent(contextlib.nullcontext):
+            def update(self, n=1):
+                pass
+        return _Silent()
+    return tqdm(**kwargs)
