@@ -78,8 +78,9 @@ def write_plot(report: dict, path: Path) -> None:
                     label=f"{label} after calibration")
             ax.plot(x, [after[n][side] for n in names], "o-", color=colour, ms=3, label=f"{label} after QAT")
         ax.set_yscale("symlog", linthresh=1.0)
-        ax.set(title=f"{s['name']}: activation clip range per layer", xlabel="layer (model order)")
-        ax.set_xticks(list(x)[::6], [n.replace("encoder.layer.", "L") for n in names][::6], fontsize=7)
+        ax.set(title=f"{s['name']}: activation clip range per layer",
+               xlabel="layer in model order (per block: query, key, value, attn out, FFN in, FFN out)")
+        ax.set_xticks(list(x)[::6], [f"block {k // 6}" for k in x][::6], fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if len(settings) % 2:
