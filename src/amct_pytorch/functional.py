@@ -35,12 +35,18 @@ def act_qparams(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: int):
 # Eager elementwise work runs over blocks of this many elements on CPU: each block's
 # temporaries stay cache-resident and nothing activation-sized is allocated beyond the
 # result (large fresh allocations page-fault on every call).
+# At most CPU_MAX_BLOCKS blocks per call: every block is a handful of parallel ops, and when
+# another process holds a core each op can stall for a scheduler slice.
 CPU_BLOCK = 1 << 17
+CPU_MAX_BLOCKS = 8
 GPU_TEMP_BLOCK = 1 << 20  # on GPUs, blocks only bound the ULQ temporaries (2 x 4 MB)
 
 
 def _blocks(numel: int, device: torch.device, gpu_block: int | None = None):
-    step = CPU_BLOCK if device.type == "cpu" else (gpu_block or numel)
+    if device.type == "cpu":
+        step = max(CPU_BLOCK, -(-numel // CPU_MAX_BLOCKS))
+    else:
+        step = gpu_block or numel
     return [(start, min(start + step, numel)) for start in range(0, numel, max(step, 1))]
 
 
