@@ -152,9 +152,9 @@ def train(student, tokenizer, texts, targets, evaluator, opts: Options) -> dict[
             optim.step()
             sched.step()
             history["step"].append(step)
-            history["loss"].append(float(loss))
+            history["loss"].append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.2e}")
+            bar.set_postfix(loss=f"{history['loss'][-1]:.2e}")
             if step in checkpoints:
                 history["eval_step"].append(step)
                 history["eval_mean_cos"].append(float(evaluator.cosines(student).mean()))
