@@ -106,3 +106,11 @@ def test_quick_demo_end_to_end(tmp_path):
         assert set(s["times_s"]) >= {"calibrate", "ptq_eval", "train", "qat_eval", "onnx_export"}
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*partial"))
+
+
+def test_config_file_replaces_the_built_in_settings(tmp_path):
+    good = tmp_path / "w4.json"
+    good.write_text(json.dumps({"retrain_weight_config": {"dst_type": "INT4"}}))
+    (setting,) = demo_main.settings_from_file(good)
+    assert setting.name == "custom" and "w4.json" in setting.label
+    assert setting.config["retrain_weight_config"]["dst_type"] == "INT4"

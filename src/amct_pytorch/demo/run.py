@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..config import parse_config
 from ..convert import calibrate, qat_layers, to_qat
 from . import data as demo_data
-from .model import batches, embed, encode, pool, tokenize
+from .model import batches, embed, encode, pool, require, tokenize
 
 # The pooler (CLS dense + tanh) is not part of the sentence embedding: left float.
 SKIP = ["pooler.dense"]
@@ -117,8 +117,7 @@ def clip_ranges(model) -> dict[str, list[float]]:
 
 
 def _progress(total, desc, enabled):
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto").tqdm
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
 
 
@@ -166,8 +165,9 @@ def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evalua
     timer = Timer()
     config = parse_config(setting.config)
     rng = random.Random(opts.seed)
-    calib_batch = tokenize(tokenizer, rng.sample(train_texts, min(opts.calib_size, len(train_texts))))
-    calib_batches = [calib_batch] * config.retrain_data_config.batch_num
+    size = min(opts.calib_size, len(train_texts))
+    calib_batches = [tokenize(tokenizer, rng.sample(train_texts, size))
+                     for _ in range(config.retrain_data_config.batch_num)]
 
     with timer("calibrate"):
         ptq = copy.deepcopy(model)
