@@ -48,7 +48,7 @@ class Options:
     # Clip bounds are O(1..25) and must travel far (a post-GELU input calibrates to about
     # [-18, 18] though it is >= -0.17): they get a large Adam step; weight scales are O(0.01).
     lr_weights: float = 5e-5
-    lr_clips: float = 0.1
+    lr_clips: float = 0.3
     lr_weight_scales: float = 1e-3
     eval_points: int = 4  # held-out evaluations along training (for the plot)
     max_eval: int | None = None  # cap on held-out sentences (quick mode)
