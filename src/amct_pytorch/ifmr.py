@@ -124,8 +124,9 @@ def hist_update(hist: torch.Tensor, hist_range: torch.Tensor, values: torch.Tens
 def ifmr_histogram(hist: torch.Tensor, hist_range: torch.Tensor, minmax: torch.Tensor, num_bits: int = 8):
     """IFMR on a histogram from hist_update; `minmax` holds the exact (min, max) seen.
 
-    Each bin is represented by its centre; the chosen bounds stay within one candidate
-    step of the exact search (tested), at a cost independent of the number of values.
+    Each bin is represented by its centre, at a cost independent of the number of values;
+    the bounds are usually within one candidate step of the exact search, but not always
+    (tests/test_ifmr.py holds a case 2 steps off).
     """
     bins = hist.numel() // 2
     neg, pos = hist.reshape(2, bins)
