@@ -7,20 +7,12 @@ import torch
 
 from amct_pytorch import LinearQAT, calibrating
 from amct_pytorch.functional import EPS
+from state_helpers import _assert_unchanged, _snapshot
 
 F32_MAX = torch.finfo(torch.float32).max
 NAN, INF = float("nan"), float("inf")
 
 
-def _snapshot(m):
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def _assert_unchanged(m, before):
-    after = m.state_dict()
-    assert before.keys() == after.keys()
-    for k in before:
-        assert torch.equal(before[k], after[k]), f"{k} changed"
 
 
 def _module(phase, search="exact", weights="arq_retrain"):

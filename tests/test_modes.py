@@ -7,20 +7,12 @@ import pytest
 import torch
 
 from amct_pytorch import LinearQAT, calibrating
+from state_helpers import _assert_unchanged, _snapshot
 
 ULQ = {"retrain_data_config": {"batch_num": 2},
        "retrain_weight_config": {"weights_retrain_algo": "ulq_quantize"}}
 
 
-def _snapshot(m):
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def _assert_unchanged(m, before):
-    after = m.state_dict()
-    assert before.keys() == after.keys()
-    for k in before:
-        assert torch.equal(before[k], after[k]), f"{k} changed"
 
 
 def _fresh(config=ULQ):
