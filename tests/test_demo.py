@@ -106,6 +106,29 @@ def test_quick_demo_end_to_end(tmp_path):
         assert set(s["times_s"]) >= {"calibrate", "ptq_eval", "train", "qat_eval", "onnx_export"}
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*partial"))
+    split = rep["outlier_split"]
+    assert rep["options"]["split_outliers"] and split["enabled"] and split["pairs"] == 6
+    assert split["hidden_before"] == 6 * 1536 and split["hidden_after"] == 6 * 1536 + split["added_neurons"] > 6 * 1536
+    assert split["float_min_cos_after_split"] > 0.99999
+    block0 = split["layers"]["encoder.layer.0.output.dense"]
+    assert block0["max_abs_weight_before"] > 5 * block0["max_abs_weight_after"]
+    assert "float-exact FFN outlier split" in run.stdout
+
+
+def test_no_split_flag_reaches_the_demo(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(demo_main, "run_demo", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["demo", "--no-split", "--out", str(tmp_path)]) == 0
+    assert seen["split"] is False
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["split"] is True
+
+
+def test_split_model_off_returns_the_model_itself():
+    from amct_pytorch.demo.run import Options, split_model
+
+    model = torch.nn.Linear(2, 2)
+    assert split_model(model, None, Options(split_outliers=False)) == (model, {"enabled": False})
 
 
 def test_config_file_replaces_the_built_in_settings(tmp_path):

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="amct_qat_out", help="output folder (default ./amct_qat_out)")
     demo.add_argument("--config", help="a JSON AMCT config file to run instead of the two built-in settings")
     demo.add_argument("--quick", action="store_true", help="smoke run on a few sentences (under a minute)")
+    demo.add_argument("--no-split", action="store_true",
+                      help="quantize the model as shipped (skip the float-exact FFN outlier channel split)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -45,7 +47,8 @@ def main(argv=None) -> int:
                 parser.error(f"--config {args.config}: {err}")
         try:
             run_demo(out=args.out, steps=args.steps, batch_size=args.batch_size, config=args.config,
-                     quick=args.quick, progress=not args.no_progress)
+                     quick=args.quick, progress=not args.no_progress,
+                     split=not args.no_split)
         except ImportError as err:
             print(f"amct-qat demo: {err}", file=sys.stderr)
             return 1

@@ -11,7 +11,7 @@ import torch
 
 from ..config import parse_config
 from .report import table, write_json, write_plot
-from .run import Options, Setting, Timer, export_check, prepare, run_setting
+from .run import Options, Setting, Timer, export_check, prepare, run_setting, split_model
 
 QUICK = dict(steps=6, batch_size=8, eval_points=1, max_eval=48, max_train=96, calib_size=16)
 REPORT, PLOT = "report.json", "plot.png"
@@ -24,9 +24,9 @@ def settings_from_file(path) -> tuple[Setting, ...]:
 
 
 def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick=False, progress=True,
-             log=print) -> dict:
+             split=True, log=print) -> dict:
     """Run the demo and return the report (also written to `out`)."""
-    opts = Options(progress=progress)
+    opts = Options(progress=progress, split_outliers=split)
     if quick:
         opts = replace(opts, **QUICK)
     if steps is not None:
@@ -47,10 +47,14 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
     model, tokenizer, train_texts, eval_texts, evaluator, targets = prepare(opts, timer)
     log(f"float model: Lee-50 Pearson {evaluator.float_lee:.4f}; {len(train_texts)} calibration/training and "
         f"{len(eval_texts)} held-out sentences")
+    base, split_info = split_model(model, evaluator, opts)
+    if split_info["enabled"]:
+        log(f"split FFN outlier channels: +{split_info['added_neurons']} of {split_info['hidden_before']} hidden "
+            f"neurons; float min cos after the split {split_info['float_min_cos_after_split']:.6f}")
     results = []
     for setting in opts.settings:
         log(f"[{setting.name}] {setting.label}")
-        result = run_setting(setting, model, tokenizer, train_texts, targets, evaluator, opts)
+        result = run_setting(setting, base, tokenizer, train_texts, targets, evaluator, opts)
         student = result.pop("_student")
         onnx_path = out / f"{setting.name}_qat.onnx"
         result["onnx"] = export_check(student, tokenizer, eval_texts[:8], onnx_path)
@@ -67,11 +71,13 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "options": {"steps": opts.steps, "batch_size": opts.batch_size, "quick": quick,
                     "config": str(config) if config else None, "calib_sentences": opts.calib_size,
+                    "split_outliers": opts.split_outliers,
                     "lr_weights": opts.lr_weights, "lr_clips": opts.lr_clips,
                     "lr_weight_scales": opts.lr_weight_scales},
         "data": {"train_sentences": len(train_texts), "eval_sentences": len(eval_texts),
                  "lee_documents": 50, "lee_pairs": int(evaluator.human.numel())},
         "float": {"lee_pearson": evaluator.float_lee, "eval_time_s": timer.times["float_eval"]},
+        "outlier_split": split_info,
         "times_s": timer.times,
         "settings": results,
     }

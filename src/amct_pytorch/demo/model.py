@@ -33,6 +33,13 @@ def load_model():
     return model.eval(), tokenizer
 
 
+def ffn_pairs(model) -> list[tuple[str, str]]:
+    """(FFN in, FFN out) Linear names of a BERT-style encoder: GELU sits between them."""
+    names = {name for name, _ in model.named_modules()}
+    return [(name, name.replace("intermediate.dense", "output.dense")) for name, _ in model.named_modules()
+            if name.endswith("intermediate.dense") and name.replace("intermediate.dense", "output.dense") in names]
+
+
 def tokenize(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     enc = tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -24,6 +24,10 @@ def table(report: dict) -> str:
             m = s[phase.lower()]
             lines.append(f"{s['name']:<10} {phase:<6} {m['mean_cos']:>9.4f} {m['min_cos']:>8.4f} "
                          f"{m['lee_pearson']:>9.4f} {m['lee_delta']:>+8.4f}  {spent}")
+    split = report.get("outlier_split", {})
+    if split.get("enabled"):
+        lines.append(f"PTQ and QAT quantize the model after a float-exact FFN outlier split: +{split['added_neurons']} "
+                     f"of {split['hidden_before']} hidden neurons, float min cos {split['float_min_cos_after_split']:.6f}")
     return "\n".join(lines)
 
 
