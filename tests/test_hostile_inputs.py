@@ -174,12 +174,33 @@ def test_values_near_float32_limits_after_calibration_are_clipped_finitely(value
         assert torch.isfinite(m(x)).all()
 
 
-@pytest.mark.xfail(strict=True, reason="functional.ulq_act_grads: x/scale overflows to inf and "
-                                       "(round(v) - v) * mask gives inf - inf = NaN for clipped values")
-def test_clip_gradients_stay_finite_for_values_near_float32_limits():
+@pytest.mark.parametrize("value", [3e38, -3e38, F32_MAX])
+def test_clip_gradients_stay_finite_for_values_near_float32_limits(value):
+    # x/scale of such a value overflows to inf; a clipped element must still add exactly 0 to the e sum
     m = _module("calibrated")
-    m(_with(3e38)).sum().backward()
-    assert torch.isfinite(m.acts_clip_max.grad) and torch.isfinite(m.acts_clip_min.grad)
+    x = _with(value)
+    m(x).sum().backward()
+    grads = m.acts_clip_max.grad.clone(), m.acts_clip_min.grad.clone()
+    assert torch.isfinite(grads[0]) and torch.isfinite(grads[1])
+    # same gradients as with a merely large value that is clipped on the same side
+    x[1, 3] = 1e3 if value > 0 else -1e3
+    m.zero_grad()
+    m(x).sum().backward()
+    assert torch.equal(m.acts_clip_max.grad, grads[0]) and torch.equal(m.acts_clip_min.grad, grads[1])
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38])
+def test_ulq_act_grads_eager_and_plain_agree_near_float32_limits(value):
+    from amct_pytorch.functional import act_qparams, int_range, ulq_act_grads, ulq_act_grads_plain
+
+    x, g = _with(value), torch.randn(4, 16)
+    clip_max, clip_min = torch.tensor(2.0), torch.tensor(-1.5)
+    scale, offset = act_qparams(clip_max, clip_min, 8)
+    gx, gmax, gmin = ulq_act_grads(x, g, scale, offset, clip_max, clip_min, 8)
+    plain_g = g.clone()
+    pmax, pmin = ulq_act_grads_plain(x, plain_g, scale, offset, clip_max, clip_min, *int_range(8))
+    assert torch.isfinite(gmax) and torch.isfinite(gmin) and gx[1, 3] == 0
+    torch.testing.assert_close((pmax, pmin, plain_g), (gmax, gmin, gx), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("key, value, error, match", [

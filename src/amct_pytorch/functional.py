@@ -55,6 +55,12 @@ def fake_quant_act_plain(x, scale, offset, qmin: int, qmax: int):
     return (torch.round(x / scale + offset).clamp(qmin, qmax) - offset) * scale
 
 
+# x/scale of a clipped value can overflow to inf (x near 3e38), and round(inf) - inf is NaN even
+# where the gradient is 0. Clamping v to +-2^24 keeps it finite (an integer: e = 0 there) and is
+# the identity inside the grid (|v| <= 2^n). A scalar clamp: tensor bounds are ~10x slower on CPU.
+_V_LIMIT = float(2**24)
+
+
 def ulq_act_grads_plain(x, g, scale, offset, clip_max, clip_min, qmin: int, qmax: int):
     """ulq_act_grads as plain ops for torch.compile, which fuses them into one pass.
 
@@ -65,7 +71,7 @@ def ulq_act_grads_plain(x, g, scale, offset, clip_max, clip_min, qmin: int, qmax
     up = x > scale * (qmax - offset)
     dn = x < scale * (qmin - offset)
     grad_x = torch.where(up | dn, 0.0, g)
-    v = x / scale
+    v = (x / scale).clamp(-_V_LIMIT, _V_LIMIT)  # see ulq_act_grads
     sum_e = (grad_x * (torch.round(v) - v)).sum() / levels
     g_up = torch.where(up, g, 0.0).sum()
     g_dn = torch.where(dn, g, 0.0).sum()
@@ -130,7 +136,7 @@ def ulq_act_grads(x, grad_out, scale, offset, clip_max, clip_min, num_bits, need
         parts_up.append(torch.dot(gb, up))
         parts_dn.append(torch.dot(gb, dn))
         gb.addcmul_(gb, up.add_(dn), value=-1.0)  # g - g * 1 = 0 exactly: gb is now the x gradient
-        v = torch.div(xb, scale, out=dn)
+        v = torch.div(xb, scale, out=dn).clamp_(-_V_LIMIT, _V_LIMIT)
         e = torch.round(v, out=up).sub_(v)
         parts_e.append(torch.dot(gb, e))
     g_up = torch.stack(parts_up).sum()
