@@ -136,13 +136,23 @@ def test_histogram_calibration_below_its_range_limit_works():
     assert torch.isfinite(m.acts_clip_max.detach()) and float(m.calib_range) > 0
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="ifmr.hist_update: growing the range by a factor >= 2**63 overflows "
-                          "torch.arange(bins) // factor (factor is a Python int)")
 def test_histogram_range_can_grow_by_a_huge_factor_between_batches():
     m = _small_weights(_module("mid_calibration", "histogram"))  # range ~4 after one randn batch
-    m(_with(5e37))
+    first_count = float(m.calib_hist.sum())
+    x = _with(5e37)
+    m(x)
     assert m.is_calibrated and torch.isfinite(m.acts_clip_max.detach())
+    assert float(m.acts_clip_max.detach()) >= 0.99 * 5e37 / 1.3  # the new extreme sets the grid
+
+
+def test_hist_update_growth_beyond_the_bin_count_merges_everything_into_the_first_bins():
+    from amct_pytorch.ifmr import HIST_BINS, hist_update
+
+    hist, rng = hist_update(torch.zeros(2 * HIST_BINS, dtype=torch.float64), torch.zeros(()), torch.randn(1000))
+    hist, rng = hist_update(hist, rng, torch.tensor([5e37, -1.0]))  # grows by a factor of about 2**124
+    assert float(rng) == 2.0**126 and float(hist.sum()) == 1002
+    neg, pos = hist.reshape(2, HIST_BINS)
+    assert float(neg[0] + pos[0]) == 1001 and float(pos[HIST_BINS // 2 :].sum()) == 1  # 5e37 >= R / 2
 
 
 @pytest.mark.parametrize("search, step", [("exact", "ifmr_exact"), ("histogram", "ifmr_histogram"),

@@ -122,6 +122,17 @@ def test_histogram_over_batches_of_growing_range(name):
     _within_one_step(bounds, ifmr_exact(values, 8), values, 8, width)
 
 
+@pytest.mark.parametrize("power", [-100, 60, 100, 110, 120])
+def test_histogram_bins_do_not_depend_on_the_power_of_two_scale_of_the_data(power):
+    # torch.histc itself overflows for ranges >= 2**115 and puts every value in bin 0
+    values = torch.randn(5000, generator=torch.Generator().manual_seed(5))
+    empty = torch.zeros(2 * HIST_BINS, dtype=torch.float64)
+    hist, rng = hist_update(empty, torch.zeros(()), values)
+    scaled_hist, scaled_rng = hist_update(empty, torch.zeros(()), values * 2.0**power)
+    assert float(scaled_rng) == float(rng) * 2.0**power
+    assert torch.equal(scaled_hist, hist)
+
+
 @pytest.mark.xfail(strict=True, reason="known limit: bin-centre MSE can pick 2 candidate steps from the exact search")
 def test_histogram_counter_example_two_steps_off():
     """Found by hypothesis in CI: 4000 values of (randn + 1) * 152.875, seed 3487."""

@@ -13,6 +13,7 @@ from .functional import int_range
 PERCENTILE = 0.999999
 HIST_BINS = 4096  # bins per sign; the histogram covers [-R, R) in 2 * HIST_BINS bins
 _FLOAT_LIMIT = 1e38  # bounds are kept below this so hi - lo stays finite
+_HISTC_SHIFT = 64  # ranges above 2**64 are binned scaled down by 2**64 (see hist_update)
 
 
 def ratios(device=None) -> torch.Tensor:
@@ -109,14 +110,18 @@ def hist_update(hist: torch.Tensor, hist_range: torch.Tensor, values: torch.Tens
         factor *= 2
     if factor > 1:
         bins = hist.numel() // 2
-        idx = torch.arange(bins, device=hist.device) // factor  # bins count outward from 0
+        # bins count outward from 0; a factor >= bins (up to 2**250 here) merges everything into bin 0
+        idx = torch.arange(bins, device=hist.device) // min(factor, bins)
         merged = torch.zeros_like(hist).reshape(2, bins)
         merged[0].index_add_(0, idx, hist.reshape(2, bins)[0])
         merged[1].index_add_(0, idx, hist.reshape(2, bins)[1])
         hist, r = merged.reshape(-1), r * factor
     bins = hist.numel() // 2
+    # histc multiplies (x + R) by the bin count first, which overflows float32 for R >= 2**115 and
+    # puts every value in bin 0: bin such ranges scaled by a power of two (exact, same bins)
+    x_b, r_b = (x * 2.0**-_HISTC_SHIFT, r * 2.0**-_HISTC_SHIFT) if r > 2.0**_HISTC_SHIFT else (x, r)
     # one histc over [-R, R); the negative half is stored mirrored (bin j = distance j from 0)
-    signed = torch.histc(x, bins=2 * bins, min=-r, max=r).to(hist.dtype)
+    signed = torch.histc(x_b, bins=2 * bins, min=-r_b, max=r_b).to(hist.dtype)
     update = torch.cat([signed[:bins].flip(0), signed[bins:]])
     return hist + update, torch.full_like(hist_range, r)
 
