@@ -168,11 +168,6 @@ def test_forward_gives_finite_output_or_fails_without_a_trace(x, search, weights
     except (ValueError, TypeError) as err:
         assert str(err).startswith("input:"), str(err)
         _assert_unchanged(m, before)
-    except OverflowError:
-        # known bug, ifmr.hist_update: growing the histogram range by >= 2**63 between batches
-        # (strict xfail in test_hostile_inputs); even then nothing may have changed
-        assert search == "histogram" and phase == "mid_calibration"
-        _assert_unchanged(m, before)
     else:
         assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], 3)
         assert torch.isfinite(y).all(), (x, y)  # never NaN or inf silently

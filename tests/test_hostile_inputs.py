@@ -138,7 +138,6 @@ def test_histogram_calibration_below_its_range_limit_works():
 
 def test_histogram_range_can_grow_by_a_huge_factor_between_batches():
     m = _small_weights(_module("mid_calibration", "histogram"))  # range ~4 after one randn batch
-    first_count = float(m.calib_hist.sum())
     x = _with(5e37)
     m(x)
     assert m.is_calibrated and torch.isfinite(m.acts_clip_max.detach())
@@ -146,12 +145,12 @@ def test_histogram_range_can_grow_by_a_huge_factor_between_batches():
 
 
 def test_hist_update_growth_beyond_the_bin_count_merges_everything_into_the_first_bins():
-    from amct_pytorch.ifmr import HIST_BINS, hist_update
+    from amct_pytorch.ifmr import HIST_BINS, empty_histogram, hist_update
 
-    hist, rng = hist_update(torch.zeros(2 * HIST_BINS, dtype=torch.float64), torch.zeros(()), torch.randn(1000))
+    hist, rng = hist_update(empty_histogram(), torch.zeros(()), torch.randn(1000))
     hist, rng = hist_update(hist, rng, torch.tensor([5e37, -1.0]))  # grows by a factor of about 2**124
-    assert float(rng) == 2.0**126 and float(hist.sum()) == 1002
-    neg, pos = hist.reshape(2, HIST_BINS)
+    assert float(rng) == 2.0**126 and float(hist[0].sum()) == 1002
+    neg, pos = hist[0].reshape(2, HIST_BINS)
     assert float(neg[0] + pos[0]) == 1001 and float(pos[HIST_BINS // 2 :].sum()) == 1  # 5e37 >= R / 2
 
 
@@ -277,3 +276,92 @@ def test_a_module_cast_to_another_dtype_is_refused_before_any_state_change(cast)
     _assert_unchanged(m, before)
     m.float()(torch.randn(4, 16))  # cast back, it calibrates on
     assert m.is_calibrated
+
+
+def _ulq_pair(channel_wise):
+    """A calibrated ULQ-weights module and a copy whose learnable scale is negated (every other row)."""
+    import copy
+
+    cfg = {"retrain_weight_config": {"weights_retrain_algo": "ulq_quantize", "channel_wise": channel_wise}}
+    torch.manual_seed(0)
+    pos = LinearQAT(16, 8, config=cfg).train()
+    pos(torch.randn(32, 16))  # calibrates the activations and initialises the weight scale
+    neg = copy.deepcopy(pos)
+    flip = torch.ones_like(neg.wts_scales)
+    flip[::2] = -1.0
+    with torch.no_grad():
+        neg.wts_scales.mul_(flip)
+    return pos, neg, flip
+
+
+@pytest.mark.parametrize("channel_wise", [False, True])
+def test_negative_learnable_weight_scale_uses_the_grid_of_its_magnitude(channel_wise):
+    from amct_pytorch.functional import fake_quant_act, fake_quant_weight
+
+    pos, neg, flip = _ulq_pair(channel_wise)
+    assert (neg.wts_scales < 0).any()
+    x = torch.randn(32, 16)
+    y_pos, y_neg = pos(x), neg(x)
+    scale, offset = neg.act_qparams()
+    grid = fake_quant_weight(neg.weight.detach(), neg.wts_scales.detach().abs(), 8)
+    expected = torch.nn.functional.linear(fake_quant_act(x, scale, offset, 8), grid, neg.bias.detach())
+    assert torch.equal(y_neg.detach(), expected) and torch.equal(y_neg, y_pos)
+    y_pos.square().sum().backward()
+    y_neg.square().sum().backward()
+    assert torch.isfinite(neg.wts_scales.grad).all() and (neg.wts_scales.grad != 0).any()
+    # d|s|/ds = sign(s): a negated scale gets the negated gradient
+    assert torch.equal(neg.wts_scales.grad, pos.wts_scales.grad * flip)
+    assert torch.equal(neg.weight.grad, pos.weight.grad)
+    assert torch.equal(neg.weight_qparams(), neg.wts_scales.detach().abs())
+    with torch.no_grad():  # eval reuses a cached grid: the same one
+        assert torch.equal(neg.eval()(x), pos.eval()(x))
+
+
+def test_a_zero_learnable_weight_scale_gives_a_finite_grid_that_can_grow_back():
+    _, m, _ = _ulq_pair(False)
+    with torch.no_grad():
+        m.wts_scales.zero_()
+    x = torch.randn(32, 16)
+    y = m(x)
+    assert torch.isfinite(y).all() and torch.equal(m.weight_qparams(), torch.tensor([EPS]))
+    y.sum().backward()
+    assert torch.isfinite(m.wts_scales.grad).all() and float(m.wts_scales.grad) != 0.0
+
+
+def test_training_the_weight_scale_with_a_huge_learning_rate_keeps_a_positive_grid():
+    _, m, _ = _ulq_pair(True)
+    with torch.no_grad():
+        m.wts_scales.abs_()
+    opt = torch.optim.SGD([m.wts_scales], lr=1e3)
+    x, target = torch.randn(32, 16), torch.randn(32, 8)
+    went_negative = False
+    for _ in range(10):
+        opt.zero_grad()
+        loss = (m(x) - target).square().mean()
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(m.wts_scales.grad).all()
+        opt.step()
+        went_negative |= bool((m.wts_scales < 0).any())
+    assert went_negative  # the case under test did happen
+    assert (m.weight_qparams() >= EPS).all()
+
+
+def test_export_and_quant_record_use_the_magnitude_of_a_negative_weight_scale(tmp_path):
+    from amct_pytorch import export_onnx, load_quant_record, save_quant_record
+    from amct_pytorch.export import module_qparams
+
+    pos, neg, _ = _ulq_pair(True)
+    neg.eval()
+    x = torch.randn(5, 16)
+    assert torch.equal(module_qparams(neg).weight_scale, module_qparams(pos.eval()).weight_scale)
+    export_onnx(neg, (x,), tmp_path / "neg.onnx", dynamo=False)  # raises if ONNX Runtime differs from eval
+    record = save_quant_record(neg, tmp_path / "neg.json")
+    assert record["layers"][""]["scale_w"] == neg.wts_scales.detach().abs().tolist()
+    fresh = LinearQAT(16, 8, config={"retrain_weight_config": {"weights_retrain_algo": "ulq_quantize",
+                                                               "channel_wise": True}}).eval()
+    with torch.no_grad():
+        fresh.weight.copy_(neg.weight)
+        fresh.bias.copy_(neg.bias)
+    load_quant_record(fresh, tmp_path / "neg.json")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), neg(x))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from amct_pytorch import LinearQAT, calibrating
-from amct_pytorch.ifmr import HIST_BINS, hist_update, ifmr_exact, ifmr_histogram
+from amct_pytorch.ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
 
 
 def naive_ifmr(values, num_bits):
@@ -95,13 +95,14 @@ def _within_one_step(hist_bounds, exact_bounds, values, bits, bin_width):
 
 
 def _histogram_ifmr(batches, bits):
-    hist = torch.zeros(2 * HIST_BINS, dtype=torch.float64)
+    hist = empty_histogram()
     rng = torch.zeros(())
     lo, hi = torch.tensor(float("inf")), torch.tensor(float("-inf"))
     for b in batches:
         hist, rng = hist_update(hist, rng, b)
         lo, hi = torch.minimum(lo, b.min()), torch.maximum(hi, b.max())
-    assert float(hist.sum()) == sum(b.numel() for b in batches)  # nothing lost in range growth
+    assert float(hist[0].sum()) == sum(b.numel() for b in batches)  # nothing lost in range growth
+    assert math.isclose(float(hist[1].sum()), sum(float(b.double().sum()) for b in batches), rel_tol=1e-9, abs_tol=1e-9)
     return ifmr_histogram(hist, rng, torch.stack([lo, hi]), bits), float(rng) / HIST_BINS
 
 
@@ -126,20 +127,66 @@ def test_histogram_over_batches_of_growing_range(name):
 def test_histogram_bins_do_not_depend_on_the_power_of_two_scale_of_the_data(power):
     # torch.histc itself overflows for ranges >= 2**115 and puts every value in bin 0
     values = torch.randn(5000, generator=torch.Generator().manual_seed(5))
-    empty = torch.zeros(2 * HIST_BINS, dtype=torch.float64)
+    empty = empty_histogram()
     hist, rng = hist_update(empty, torch.zeros(()), values)
     scaled_hist, scaled_rng = hist_update(empty, torch.zeros(()), values * 2.0**power)
     assert float(scaled_rng) == float(rng) * 2.0**power
-    assert torch.equal(scaled_hist, hist)
+    assert torch.equal(scaled_hist[0], hist[0])
+    assert torch.equal(scaled_hist[1], hist[1] * 2.0**power)
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: bin-centre MSE can pick 2 candidate steps from the exact search")
 def test_histogram_counter_example_two_steps_off():
-    """Found by hypothesis in CI: 4000 values of (randn + 1) * 152.875, seed 3487."""
+    """Found by hypothesis in CI: 4000 values of (randn + 1) * 152.875, seed 3487; bin centres
+    picked 2 candidate steps from the exact search, bin means pick the same candidate."""
     test_histogram_within_one_step_random.hypothesis.inner_test(seed=3487, scale=152.875, shift=1.0, batches=1, bits=8)
+    g = torch.Generator().manual_seed(3487)
+    values = (torch.randn(4000, generator=g) + 1.0) * 152.875
+    assert torch.equal(_histogram_ifmr([values], 8)[0][0], ifmr_exact(values, 8)[0])
 
 
-# derandomized: the property holds for these seeded draws; the counter-example above does not
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("value", [-5.0, 5.0, 0.37, -1e3])
+def test_histogram_of_a_constant_batch_picks_the_exact_candidate(value, bits):
+    # every value sits at the bin's lower edge, 1/2 bin from its centre: centres were 28 steps off for -5.0
+    values = torch.full((64, 16), value)
+    (hist_max, hist_min), _ = _histogram_ifmr([values], bits)
+    exact_max, exact_min = ifmr_exact(values, bits)
+    assert torch.equal(hist_max, exact_max) and torch.equal(hist_min, exact_min)
+
+
+def test_module_loads_an_old_counts_only_histogram_and_calibrates_on():
+    cfg = {"retrain_data_config": {"batch_num": 2, "ifmr_search": "histogram"}}
+    torch.manual_seed(0)
+    m = LinearQAT(16, 8, config=cfg).train()
+    m(torch.randn(32, 16))
+    state = m.state_dict()
+    old = dict(state, calib_hist=state["calib_hist"][0].clone())  # the layout before per-bin sums
+    fresh = LinearQAT(16, 8, config=cfg).train()
+    fresh.load_state_dict(old)
+    assert old["calib_hist"].shape == (2 * HIST_BINS,)  # the caller's dict is left as it was
+    counts, sums = fresh.calib_hist
+    assert torch.equal(counts, state["calib_hist"][0])
+    width = float(state["calib_range"]) / HIST_BINS
+    filled = counts > 0
+    centres = (torch.arange(2 * HIST_BINS) % HIST_BINS + 0.5).double() * width
+    signs = torch.where(torch.arange(2 * HIST_BINS) < HIST_BINS, -1.0, 1.0).double()
+    torch.testing.assert_close((sums / counts)[filled], (signs * centres)[filled], rtol=1e-12, atol=0)
+    fresh(torch.randn(32, 16))
+    assert fresh.is_calibrated and float(fresh.acts_clip_min.detach()) < 0 < float(fresh.acts_clip_max.detach())
+
+
+def test_histogram_from_counts_keeps_counts_and_puts_values_at_bin_centres():
+    hist, rng = hist_update(empty_histogram(), torch.zeros(()), torch.tensor([-1.3, 0.2, 0.21, 3.9]))
+    converted = histogram_from_counts(hist[0], rng)
+    assert torch.equal(converted[0], hist[0])
+    assert float(hist[1].sum()) == pytest.approx(-1.3 + 0.2 + 0.21 + 3.9, rel=1e-6)
+    # each of the 4 values moves to its bin's centre: at most half a bin width
+    assert float(converted[1].sum()) == pytest.approx(float(hist[1].sum()), abs=4 * 0.5 * float(rng) / HIST_BINS)
+    assert not torch.equal(converted[1], hist[1])
+
+
+# derandomized for reproducible CI. Not a guarantee: with bin means, plain random draws of these
+# parameters still land > 1 step off in a few per thousand, all near-ties of the exact errors
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 1e3), shift=st.floats(-2, 2),
        batches=st.integers(1, 3), bits=st.sampled_from([8, 4]))

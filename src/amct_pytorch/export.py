@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import act_qparams, arq_scale, int_range, quantize_weight
+from .functional import act_qparams, arq_scale, int_range, quantize_weight, ulq_weight_scale
 
 INT4_OPSET = 21  # first ONNX opset with INT4 QuantizeLinear/DequantizeLinear
 
@@ -118,7 +118,7 @@ def _graph_qparams(module) -> QParams:
     w = module.weight if wcfg.channel_wise else module.weight.reshape(1, -1)
     w_scale = arq_scale(w, wcfg.num_bits, channel_wise=True)
     if wcfg.learnable_scale:
-        w_scale = torch.where(module.wts_scale_ready, module.wts_scales.detach(), w_scale)
+        w_scale = torch.where(module.wts_scale_ready, ulq_weight_scale(module.wts_scales.detach()), w_scale)
     return QParams(a_scale.reshape(()), a_offset.reshape(()).to(torch.int32), w_scale.reshape(-1),
                    data.num_bits, wcfg.num_bits, wcfg.channel_wise)
 

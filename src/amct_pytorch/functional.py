@@ -170,6 +170,14 @@ def arq_scale(weight: torch.Tensor, num_bits: int, channel_wise: bool) -> torch.
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
+def ulq_weight_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The step of the ULQ weight grid: |s|, at least EPS, since a large optimiser step can push
+    the learnable s through 0. Its gradient is sign(s) (+1 at 0), also below EPS, so that a
+    scale pushed to ~0 can grow back; a positive s >= EPS passes through unchanged."""
+    magnitude = torch.where(scale < 0, -scale, scale)
+    return magnitude + (magnitude.clamp(min=EPS) - magnitude).detach()
+
+
 def _row_scale(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
 

@@ -13,7 +13,6 @@ from .functional import int_range
 PERCENTILE = 0.999999
 HIST_BINS = 4096  # bins per sign; the histogram covers [-R, R) in 2 * HIST_BINS bins
 _FLOAT_LIMIT = 1e38  # bounds are kept below this so hi - lo stays finite
-_HISTC_SHIFT = 64  # ranges above 2**64 are binned scaled down by 2**64 (see hist_update)
 
 
 def ratios(device=None) -> torch.Tensor:
@@ -91,14 +90,32 @@ def ifmr_exact(values: torch.Tensor, num_bits: int = 8) -> tuple[torch.Tensor, t
 
 
 # ---- streaming histogram (opt-in: retrain_data_config.ifmr_search = "histogram") ----
+#
+# Layout: a float64 tensor of shape (2, 2 * HIST_BINS); row 0 holds counts, row 1 the sums of
+# the values in each bin. Columns: HIST_BINS bins for x < 0 stored mirrored (column j = |x| in
+# [j w, (j + 1) w), w = R / HIST_BINS), then HIST_BINS bins for x >= 0.
+
+
+def empty_histogram(device=None) -> torch.Tensor:
+    return torch.zeros(2, 2 * HIST_BINS, dtype=torch.float64, device=device)
+
+
+def histogram_from_counts(counts: torch.Tensor, hist_range: torch.Tensor) -> torch.Tensor:
+    """The current layout from an old counts-only histogram (shape (2 * HIST_BINS,)): each bin's
+    values are taken to sit at its centre, which is what the old search assumed."""
+    bins = counts.numel() // 2
+    centres = (torch.arange(bins, dtype=torch.float64, device=counts.device) + 0.5) * (float(hist_range) / bins)
+    counts = counts.double()
+    return torch.stack([counts, counts * torch.cat([-centres, centres])])
+
 
 def hist_update(hist: torch.Tensor, hist_range: torch.Tensor, values: torch.Tensor, cover: float = 0.0):
-    """Add `values` to a signed histogram over [-R, R) and return (hist, R).
+    """Add `values` to a histogram (layout above) over [-R, R) and return (hist, R).
 
     R only ever grows by powers of two, so old bins merge exactly into the new ones.
     R also covers |cover| (the max |x| of all ranks: every rank then bins on one grid).
     """
-    x = values.detach().reshape(-1).float()
+    x = values.detach().reshape(-1).double()  # float64: |x| * bins / R is exact for any R
     lo, hi = torch.aminmax(x)
     need = torch.maximum(hi.abs(), lo.abs())
     r = float(hist_range)
@@ -108,34 +125,31 @@ def hist_update(hist: torch.Tensor, hist_range: torch.Tensor, values: torch.Tens
     factor = 1
     while need >= r * factor:
         factor *= 2
+    bins = hist.shape[1] // 2
     if factor > 1:
-        bins = hist.numel() // 2
         # bins count outward from 0; a factor >= bins (up to 2**250 here) merges everything into bin 0
         idx = torch.arange(bins, device=hist.device) // min(factor, bins)
-        merged = torch.zeros_like(hist).reshape(2, bins)
-        merged[0].index_add_(0, idx, hist.reshape(2, bins)[0])
-        merged[1].index_add_(0, idx, hist.reshape(2, bins)[1])
-        hist, r = merged.reshape(-1), r * factor
-    bins = hist.numel() // 2
-    # histc multiplies (x + R) by the bin count first, which overflows float32 for R >= 2**115 and
-    # puts every value in bin 0: bin such ranges scaled by a power of two (exact, same bins)
-    x_b, r_b = (x * 2.0**-_HISTC_SHIFT, r * 2.0**-_HISTC_SHIFT) if r > 2.0**_HISTC_SHIFT else (x, r)
-    # one histc over [-R, R); the negative half is stored mirrored (bin j = distance j from 0)
-    signed = torch.histc(x_b, bins=2 * bins, min=-r_b, max=r_b).to(hist.dtype)
-    update = torch.cat([signed[:bins].flip(0), signed[bins:]])
+        merged = torch.zeros_like(hist).reshape(2, 2, bins)
+        merged.index_add_(2, idx, hist.reshape(2, 2, bins))
+        hist, r = merged.reshape(hist.shape), r * factor
+    column = (x.abs() * (bins / r)).floor_().long() + bins * (x >= 0)
+    update = torch.stack([torch.bincount(column, minlength=2 * bins).to(hist.dtype),
+                          torch.bincount(column, weights=x, minlength=2 * bins).to(hist.dtype)])
     return hist + update, torch.full_like(hist_range, r)
 
 
 def ifmr_histogram(hist: torch.Tensor, hist_range: torch.Tensor, minmax: torch.Tensor, num_bits: int = 8):
     """IFMR on a histogram from hist_update; `minmax` holds the exact (min, max) seen.
 
-    Each bin is represented by its centre, at a cost independent of the number of values;
-    the bounds are usually within one candidate step of the exact search, but not always
-    (tests/test_ifmr.py holds a case 2 steps off).
+    Each bin is represented by the mean of its values, at a cost independent of the number
+    of values: the sum of (q - x)^2 over a bin is n (q - mean)^2 plus a term that is the
+    same for every candidate, so a bin whose values share one grid point q counts exactly;
+    only bins straddling a rounding boundary are approximated, and there both grid points
+    are almost equally far from the values.
     """
-    bins = hist.numel() // 2
-    neg, pos = hist.reshape(2, bins)
-    total = int(hist.sum().item())
+    bins = hist.shape[1] // 2
+    (neg, pos), (neg_sum, pos_sum) = hist.reshape(2, 2, bins)
+    total = int(neg.sum().item() + pos.sum().item())
     k = percentile_k(total)
     width = hist_range / bins
     if k == 1:
@@ -146,13 +160,13 @@ def ifmr_histogram(hist: torch.Tensor, hist_range: torch.Tensor, minmax: torch.T
         hi = torch.minimum((bins - hi_bin) * width, minmax[1]).clamp(min=0.0)
         lo = torch.maximum(-(bins - lo_bin) * width, minmax[0]).clamp(max=0.0)
     amax, denom = _candidates(hi.float(), lo.float(), num_bits)
-    counts = (neg + pos).double()
+    counts = neg + pos  # the error of x and -x is the same: bins of both signs merge by |x|
     filled = torch.nonzero(counts).reshape(-1)  # empty bins add nothing: leave them out
     counts = counts[filled]
-    centres = (filled.double() + 0.5) * width.double()
+    means = (pos_sum - neg_sum)[filled] / counts  # mean |x| per bin
     cands = (ratios(hist.device) * amax).double().unsqueeze(1)
     steps = cands / denom.double()
-    err = (torch.round(torch.minimum(centres, cands) / steps) * steps - centres).square()
+    err = (torch.round(torch.minimum(means, cands) / steps) * steps - means).square()
     errors = (err * counts).sum(1)
     best = torch.argmin(errors)
     return _bounds(amax, denom, ratios(hist.device)[best], num_bits)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from ....config import QATConfig, parse_config
 from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
-from ....functional import EPS, act_qparams, arq_scale, fake_quant_weight, int_range
-from ....ifmr import HIST_BINS, hist_update, ifmr_exact, ifmr_histogram
+from ....functional import EPS, act_qparams, arq_scale, fake_quant_weight, int_range, ulq_weight_scale
+from ....ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
 from ....qat_function import QuantSpec, WeightCache, qat_linear
 
 _FORCE = threading.local()
@@ -96,7 +96,7 @@ class LinearQAT(nn.Linear):
         self.register_buffer("calib_done", torch.tensor(not needs_calib, device=device))
         self.register_buffer("calib_batches", torch.tensor(0, device=device, dtype=torch.int64))
         if data.ifmr_search == "histogram":
-            self.register_buffer("calib_hist", torch.zeros(2 * HIST_BINS, device=device, dtype=torch.float64))
+            self.register_buffer("calib_hist", empty_histogram(device))
             self.register_buffer("calib_range", torch.zeros((), **f32))
             self.register_buffer("calib_minmax", torch.zeros(2, **f32))
         else:  # exact search: the values of the calibration batches before the last one
@@ -165,6 +165,8 @@ class LinearQAT(nn.Linear):
             self._wq_cache = WeightCache()
         hit = self._wq_cache.lookup(sources)
         if hit is not None:
+            if self.config.retrain_weight_config.learnable_scale:  # |s| anew: its autograd node dies with a backward
+                return self._weight_scale(False), hit[1]
             return hit
         w_scale = self._weight_scale(False)
         with torch.no_grad():
@@ -327,7 +329,7 @@ class LinearQAT(nn.Linear):
                 with torch.no_grad():
                     self.wts_scales.copy_(init)
                     self.wts_scale_ready.fill_(True)
-            return self.wts_scales
+            return ulq_weight_scale(self.wts_scales)
         scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise)
         if update:
             self.wts_scales.copy_(scale)
@@ -337,7 +339,7 @@ class LinearQAT(nn.Linear):
         """The weight scale the next forward would use (no state change)."""
         wcfg = self.config.retrain_weight_config
         if wcfg.learnable_scale and bool(self.wts_scale_ready):
-            return self.wts_scales.detach().clone()
+            return ulq_weight_scale(self.wts_scales.detach())
         return arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise)
 
     # ---- state ----------------------------------------------------------------------
@@ -355,6 +357,11 @@ class LinearQAT(nn.Linear):
                                   f"{tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__}")
             else:  # its length varies with the calibration progress
                 self.calib_samples = self.calib_samples.new_zeros(saved.shape)
+        key = prefix + "calib_hist"
+        saved = state_dict.get(key)
+        if hasattr(self, "calib_hist") and isinstance(saved, torch.Tensor) and saved.shape == (2 * HIST_BINS,):
+            # counts only (before per-bin sums were kept): torch's load_state_dict hands us its own copy
+            state_dict[key] = histogram_from_counts(saved, state_dict.get(prefix + "calib_range", self.calib_range))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._calibrated = bool(self.calib_done)
