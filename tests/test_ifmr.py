@@ -185,6 +185,14 @@ def test_histogram_from_counts_keeps_counts_and_puts_values_at_bin_centres():
     assert not torch.equal(converted[1], hist[1])
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known limit: candidates 27 and 29 have exact errors 8e-5 apart (relative); bin means "
+                          "pick 27, the exact search 29")
+def test_histogram_near_tie_two_steps_off():
+    """Found by hypothesis (500 random examples) after the switch to bin means: 4000 plain randn values."""
+    test_histogram_within_one_step_random.hypothesis.inner_test(seed=500, scale=1.0, shift=0.0, batches=1, bits=8)
+
+
 # derandomized for reproducible CI. Not a guarantee: with bin means, plain random draws of these
 # parameters still land > 1 step off in a few per thousand, all near-ties of the exact errors
 @settings(max_examples=10, deadline=None, derandomize=True)

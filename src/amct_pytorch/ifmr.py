@@ -115,7 +115,7 @@ def hist_update(hist: torch.Tensor, hist_range: torch.Tensor, values: torch.Tens
     R only ever grows by powers of two, so old bins merge exactly into the new ones.
     R also covers |cover| (the max |x| of all ranks: every rank then bins on one grid).
     """
-    x = values.detach().reshape(-1).double()  # float64: |x| * bins / R is exact for any R
+    x = values.detach().reshape(-1).float()
     lo, hi = torch.aminmax(x)
     need = torch.maximum(hi.abs(), lo.abs())
     r = float(hist_range)
@@ -132,9 +132,10 @@ def hist_update(hist: torch.Tensor, hist_range: torch.Tensor, values: torch.Tens
         merged = torch.zeros_like(hist).reshape(2, 2, bins)
         merged.index_add_(2, idx, hist.reshape(2, 2, bins))
         hist, r = merged.reshape(hist.shape), r * factor
-    column = (x.abs() * (bins / r)).floor_().long() + bins * (x >= 0)
+    xd = x.double()  # float64: |x| * bins / R is exact for any R
+    column = xd.abs().mul_(bins / r).floor_().long().add_((x >= 0).long(), alpha=bins)
     update = torch.stack([torch.bincount(column, minlength=2 * bins).to(hist.dtype),
-                          torch.bincount(column, weights=x, minlength=2 * bins).to(hist.dtype)])
+                          torch.bincount(column, weights=xd, minlength=2 * bins).to(hist.dtype)])
     return hist + update, torch.full_like(hist_range, r)
 
 
