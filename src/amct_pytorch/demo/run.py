@@ -32,19 +32,20 @@ class Setting:
     name: str
     label: str
     config: dict
+    steps: int = 200  # QAT steps unless --steps overrides (INT4 weights need more to settle)
 
 
 SETTINGS = (
-    Setting("w8a8", "W8A8 per-tensor (seed default config)", {}),
+    Setting("w8a8", "W8A8 per-tensor (seed default config)", {}, steps=150),
     Setting("w4a8", "W4A8: INT4 per-channel ULQ weights, INT8 activations",
             {"retrain_weight_config": {"dst_type": "INT4", "channel_wise": True,
-                                       "weights_retrain_algo": "ulq_quantize"}}),
+                                       "weights_retrain_algo": "ulq_quantize"}}, steps=300),
 )
 
 
 @dataclass
 class Options:
-    steps: int = 200
+    steps: int | None = None  # None: each setting's own count
     batch_size: int = 32
     calib_size: int = 32
     # Clip bounds are O(1..25) and must travel far (a post-GELU input calibrates to about
@@ -127,7 +128,7 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
 
 
-def train(student, tokenizer, texts, targets, evaluator, opts: Options) -> dict[str, list]:
+def train(student, tokenizer, texts, targets, evaluator, opts: Options, steps: int) -> dict[str, list]:
     """Distil: minimise 1 - cos(student embedding, float embedding) on random batches."""
     rng = random.Random(opts.seed + 1)
     for m in student.modules():  # the float targets were made without dropout
@@ -140,14 +141,14 @@ def train(student, tokenizer, texts, targets, evaluator, opts: Options) -> dict[
             groups[kind].append(p)
     lrs = {"clips": opts.lr_clips, "weight_scales": opts.lr_weight_scales, "weights": opts.lr_weights}
     optim = torch.optim.AdamW([{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps], weight_decay=0.0)
-    warmup = max(1, opts.steps // 20)
+    warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / opts.steps))
-    checkpoints = {round(k * opts.steps / opts.eval_points) for k in range(1, opts.eval_points + 1)}
+        optim, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps))
+    checkpoints = {round(k * steps / opts.eval_points) for k in range(1, opts.eval_points + 1)}
     history = {"step": [], "loss": [], "eval_step": [0], "eval_mean_cos": [float(evaluator.cosines(student).mean())]}
     index = list(range(len(texts)))
-    with _progress(opts.steps, "QAT training", opts.progress) as bar:
-        for step in range(1, opts.steps + 1):
+    with _progress(steps, "QAT training", opts.progress) as bar:
+        for step in range(1, steps + 1):
             student.train()
             pick = rng.sample(index, min(opts.batch_size, len(index)))
             emb = embed(student, tokenize(tokenizer, [texts[k] for k in pick]))
@@ -169,6 +170,7 @@ def train(student, tokenizer, texts, targets, evaluator, opts: Options) -> dict[
 
 def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evaluator, opts: Options) -> dict:
     timer = Timer()
+    steps = opts.steps or setting.steps
     config = parse_config(setting.config)
     rng = random.Random(opts.seed)
     size = min(opts.calib_size, len(train_texts))
@@ -184,13 +186,13 @@ def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evalua
     before = clip_ranges(ptq)
     student = copy.deepcopy(ptq)  # QAT starts from the PTQ (calibrated) state
     with timer("train"):
-        history = train(student, tokenizer, train_texts, targets, evaluator, opts)
+        history = train(student, tokenizer, train_texts, targets, evaluator, opts, steps)
     with timer("qat_eval"):
         qat_metrics = evaluator(student)
     return {
         "name": setting.name, "label": setting.label, "config": config.to_dict(),
         "converted": len(summary.converted), "left_float": summary.skipped,
-        "ptq": ptq_metrics, "qat": qat_metrics, "times_s": timer.times, "history": history,
+        "ptq": ptq_metrics, "qat": qat_metrics, "times_s": timer.times, "history": history, "steps": steps,
         "clip_ranges": {"before": before, "after": clip_ranges(student)},
         "_student": student,
     }
