@@ -49,6 +49,7 @@ def test_split_cuts_the_per_tensor_int8_weight_error():
     model, x = FFN(d=32, hidden=256), torch.randn(64, 32)
     want = model(x).detach()
 
+    @torch.no_grad()
     def quant_error(m):
         h = m.act(m.up(x))
         return float((nn.functional.linear(h, _int8_per_tensor(m.down.weight), m.down.bias) - want).pow(2).mean())
