@@ -37,15 +37,21 @@ class ChannelSplit:
         return sum(self.copies) - len(self.copies)
 
 
-def _real(value, name: str, low: float, allow_low: bool) -> float:
+def _at_least(value, name: str, low: float) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (value == low and not allow_low):
-        bound = f">= {low}" if allow_low else f"> {low}"
-        raise ValueError(f"{name}: expected a finite real number {bound}, got {value!r}")
+    if not ok or value < low:
+        raise ValueError(f"{name}: expected a finite real number >= {low}, got {value!r}")
     return float(value)
 
 
-def _linear(model: nn.Module, modules: dict, name, role: str) -> nn.Linear:
+def _divisor(columns, copies, like: torch.Tensor) -> torch.Tensor:
+    """Per hidden neuron (last dim of `like`): how many neurons it becomes (1 where not split)."""
+    divisor = torch.ones(like.shape[-1], dtype=like.dtype, device=like.device)
+    divisor[list(columns)] = torch.tensor(copies, dtype=like.dtype, device=like.device)
+    return divisor
+
+
+def _linear(modules: dict, name, role: str) -> nn.Linear:
     if not isinstance(name, str):
         raise TypeError(f"pairs: {role} layer name must be a str, got {type(name).__name__} {name!r}")
     if name not in modules:
@@ -71,10 +77,8 @@ def _plan(up_name, down_name, up: nn.Linear, down: nn.Linear, ratio, max_growth)
     col_max = w.amax(dim=0)
     columns = torch.nonzero(col_max > threshold).flatten().tolist() if threshold > 0 else []
     copies = [math.ceil(float(col_max[j]) / threshold) for j in columns]
-    divisor = torch.ones_like(col_max)
-    divisor[columns] = torch.tensor(copies, dtype=col_max.dtype, device=col_max.device)
     split = ChannelSplit(up_name, down_name, threshold, tuple(columns), tuple(copies), float(col_max.max()),
-                         float((col_max / divisor).max()))
+                         float((col_max / _divisor(columns, copies, col_max)).max()))
     if split.added > max_growth * down.in_features:
         raise ValueError(f"pairs: splitting {down_name!r} needs {split.added} extra neurons, more than "
                          f"max_growth={max_growth} x {down.in_features}; raise ratio (now {ratio}) or max_growth")
@@ -84,10 +88,8 @@ def _plan(up_name, down_name, up: nn.Linear, down: nn.Linear, ratio, max_growth)
 def _grow(up: nn.Linear, down: nn.Linear, split: ChannelSplit) -> None:
     rep = [j for j, c in zip(split.columns, split.copies) for _ in range(c - 1)]
     rep = torch.tensor(rep, dtype=torch.long, device=down.weight.device)
-    divisor = torch.ones(down.in_features, dtype=down.weight.dtype, device=down.weight.device)
-    divisor[list(split.columns)] = torch.tensor(split.copies, dtype=down.weight.dtype, device=divisor.device)
     with torch.no_grad():
-        w_down = down.weight / divisor
+        w_down = down.weight / _divisor(split.columns, split.copies, down.weight)
         new_down = torch.cat([w_down, w_down[:, rep]], dim=1)
         new_up = torch.cat([up.weight, up.weight[rep]], dim=0)
         new_bias = None if up.bias is None else torch.cat([up.bias, up.bias[rep]])
@@ -114,8 +116,8 @@ def split_outlier_channels(model: nn.Module, pairs: Iterable[tuple[str, str]], *
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    ratio = _real(ratio, "ratio", 1.0, allow_low=True)
-    max_growth = _real(max_growth, "max_growth", 0.0, allow_low=True)
+    ratio = _at_least(ratio, "ratio", 1.0)
+    max_growth = _at_least(max_growth, "max_growth", 0.0)
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
         raise TypeError(f"pairs: expected an iterable of (up, down) name pairs, got {type(pairs).__name__}")
     pairs = list(pairs)
@@ -127,7 +129,7 @@ def split_outlier_channels(model: nn.Module, pairs: Iterable[tuple[str, str]], *
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"pairs: each entry must be an (up, down) pair of names, got {pair!r}")
         up_name, down_name = pair
-        up, down = _linear(model, modules, up_name, "up"), _linear(model, modules, down_name, "down")
+        up, down = _linear(modules, up_name, "up"), _linear(modules, down_name, "down")
         for name in pair:
             if name in seen:
                 raise ValueError(f"pairs: layer {name!r} appears in more than one pair")
