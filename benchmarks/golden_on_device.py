@@ -7,50 +7,33 @@ The same per-step procedure as tests/test_golden.py, with module and inputs move
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
 import torch
 
-from amct_pytorch import LinearQAT, qat_function
+from amct_pytorch import qat_function
 
-DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
-CASES = ["a_default", "b_batch_num2", "c_clip_given", "d_fixed_min", "e_ulq_weights"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the recordings and their replay
+from golden_replay import CASES, replay  # noqa: E402
 
 
-def replay(name, device):
+def worst_deviation(name, device):
     """(largest |ours - reference|, where) over outputs, loss, gradients and stored factors of every step."""
-    rec = torch.load(DATA / f"{name}.pt", weights_only=True)
-    cfg = None if rec["config"] == "None" else rec["config"]
-    torch.manual_seed(0)
-    m = LinearQAT.from_float(torch.nn.Linear(64, 32), config=copy.deepcopy(cfg)).to(device).train()
-    fixed_min = bool(cfg and cfg.get("retrain_data_config", {}).get("fixed_min"))
-    steps = rec["steps"][:1] if name.startswith("e_") else rec["steps"]
     worst, where = 0.0, ""
-    for t, step in enumerate(steps):
-        with torch.no_grad():
-            m.weight.copy_(step["weight_before_forward"])
-            m.bias.copy_(step["bias_before_forward"])
-            if step["acts_quantized_this_step"]:
-                m.acts_clip_max.copy_(step["acts_clip_max_before_forward"])
-                if not fixed_min:
-                    m.acts_clip_min.copy_(step["acts_clip_min_before_forward"])
-        m.zero_grad(set_to_none=True)
-        y = m(step["input"].to(device))
-        loss = y.pow(2).mean()
-        loss.backward()
-        pairs = [(y, "output"), (loss, "loss"), (m.weight.grad, "grad_weight"), (m.bias.grad, "grad_bias"),
+    for r in replay(name, device):
+        m, step = r.module, r.record
+        pairs = [(r.output, "output"), (r.loss, "loss"), (m.weight.grad, "grad_weight"), (m.bias.grad, "grad_bias"),
                  (m.wts_scales, "wts_scales_after_forward")]
         if step["acts_quantized_this_step"]:
             pairs += [(m.acts_clip_max, "acts_clip_max_after_forward"), (m.acts_clip_max.grad, "grad_acts_clip_max")]
-            if not fixed_min:
+            if not r.fixed_min:
                 pairs += [(m.acts_clip_min.grad, "grad_acts_clip_min")]
         for ours, key in pairs:
             ref = step[key]
             diff = float((ours.detach().cpu().reshape(ref.shape) - ref).abs().max())
             if diff > worst:
-                worst, where = diff, f"step {t} {key} (|ref| max {float(ref.abs().max()):.3g})"
+                worst, where = diff, f"step {r.t} {key} (|ref| max {float(ref.abs().max()):.3g})"
     return worst, where
 
 
@@ -63,7 +46,7 @@ def main(argv=None):
     qat_function.use_compiled_kernels(args.compiled)
     failed = False
     for name in CASES:
-        worst, where = replay(name, torch.device(args.device))
+        worst, where = worst_deviation(name, torch.device(args.device))
         ok = worst <= args.tol
         failed |= not ok
         print(f"{name:15s} device={args.device} compiled={args.compiled} max|diff|={worst:.3g} at {where} "

@@ -4,23 +4,12 @@ Per step we load the reference's weights (it writes ŵ back into `weight`, we do
 once calibrated, its clip values, then compare output, loss, gradients and the stored
 quantization factors. Tolerance 1e-6 abs, as the recordings' README says.
 """
-import copy
-from pathlib import Path
-
 import pytest
 import torch
 
-from amct_pytorch import LinearQAT
+from golden_replay import CASES, load, replay
 
-DATA = Path(__file__).parent / "data"
-CASES = ["a_default", "b_batch_num2", "c_clip_given", "d_fixed_min", "e_ulq_weights"]
 TOL = dict(atol=1e-6, rtol=0)
-
-
-def _load(name):
-    rec = torch.load(DATA / f"{name}.pt", weights_only=True)
-    cfg = None if rec["config"] == "None" else rec["config"]
-    return rec, cfg
 
 
 def _close(actual, expected, what):
@@ -30,34 +19,16 @@ def _close(actual, expected, what):
 
 @pytest.mark.parametrize("name", CASES)
 def test_matches_reference_step_by_step(name):
-    rec, cfg = _load(name)
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 32)
-    m = LinearQAT.from_float(lin, config=copy.deepcopy(cfg))
-    m.train()
-    fixed_min = bool(cfg and cfg.get("retrain_data_config", {}).get("fixed_min"))
-    # e (ULQ weights): the reference never learns the scale, so only step 0 is comparable.
-    steps = rec["steps"][:1] if name.startswith("e_") else rec["steps"]
-    for t, step in enumerate(steps):
-        with torch.no_grad():
-            m.weight.copy_(step["weight_before_forward"])
-            m.bias.copy_(step["bias_before_forward"])
-            if step["acts_quantized_this_step"]:
-                m.acts_clip_max.copy_(step["acts_clip_max_before_forward"])
-                if not fixed_min:  # ours pins clip_min at 0 (spec 3.2); the reference restores it each forward
-                    m.acts_clip_min.copy_(step["acts_clip_min_before_forward"])
-        assert m.is_calibrated == step["acts_quantized_this_step"], f"step {t}: calibration phase differs"
-        m.zero_grad(set_to_none=True)
-        y = m(step["input"])
-        loss = y.pow(2).mean()
-        loss.backward()
-        _close(y.detach(), step["output"], f"step {t} output")
-        _close(loss.detach(), step["loss"], f"step {t} loss")
+    for r in replay(name):
+        t, step, m, fixed_min = r.t, r.record, r.module, r.fixed_min
+        assert r.calibrated_before == step["acts_quantized_this_step"], f"step {t}: calibration phase differs"
+        _close(r.output.detach(), step["output"], f"step {t} output")
+        _close(r.loss.detach(), step["loss"], f"step {t} loss")
         _close(m.weight.grad, step["grad_weight"], f"step {t} grad_weight")
         _close(m.bias.grad, step["grad_bias"], f"step {t} grad_bias")
         _close(m.wts_scales.detach(), step["wts_scales_after_forward"], f"step {t} wts_scales")
         assert torch.equal(m.wts_offsets.to(torch.int8), step["wts_offsets_deploy_after_forward"])
-        if step["acts_quantized_this_step"] or t == len(rec["steps"]) - 1 or m.is_calibrated:
+        if step["acts_quantized_this_step"] or r.last or m.is_calibrated:
             _close(m.acts_clip_max.detach(), step["acts_clip_max_after_forward"], f"step {t} clip_max")
             # with fixed_min the reference keeps IFMR's clip_min until the next forward zeroes it
             if not (fixed_min and not step["acts_quantized_this_step"]):
@@ -77,6 +48,6 @@ def test_matches_reference_step_by_step(name):
 def test_golden_invariant_holds():
     """The recordings themselves: each step starts from the previous step's result."""
     for name in CASES:
-        rec, _ = _load(name)
+        rec, _ = load(name)
         for prev, nxt in zip(rec["steps"], rec["steps"][1:]):
             assert torch.equal(prev["weight_after_step"], nxt["weight_before_forward"])
