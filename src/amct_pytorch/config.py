@@ -49,6 +49,9 @@ class WeightQuantConfig:
     dst_type: str = "INT8"
     weights_retrain_algo: str = "arq_retrain"
     channel_wise: bool = False
+    # Extension: one scale per output channel and group of `group_size` consecutive input
+    # features (LinearQAT only; needs channel_wise=True; a power of two >= 16 dividing in_features)
+    group_size: int | None = None
 
     @property
     def num_bits(self) -> int:
@@ -71,13 +74,13 @@ class QATConfig:
         return {
             "retrain_enable": self.retrain_enable,
             "retrain_data_config": data,
-            "retrain_weight_config": dict(vars(self.retrain_weight_config)),
+            "retrain_weight_config": {k: v for k, v in vars(self.retrain_weight_config).items() if v is not None},
         }
 
 
 _TOP_KEYS = ("retrain_enable", "retrain_data_config", "retrain_weight_config")
 _DATA_KEYS = ("dst_type", "batch_num", "fixed_min", "clip_min", "clip_max", "ifmr_search")
-_WEIGHT_KEYS = ("dst_type", "weights_retrain_algo", "channel_wise")
+_WEIGHT_KEYS = ("dst_type", "weights_retrain_algo", "channel_wise", "group_size")
 
 
 def _describe(value: Any) -> str:
@@ -174,11 +177,29 @@ def _parse_weight(raw: Any) -> WeightQuantConfig:
     sec = _section(raw, path)
     _check_keys(sec, _WEIGHT_KEYS, path)
     algo = _choice(sec.get("weights_retrain_algo", "arq_retrain"), WEIGHT_ALGOS, f"{path}.weights_retrain_algo")
-    return WeightQuantConfig(
+    cfg = WeightQuantConfig(
         dst_type=_choice(sec.get("dst_type", "INT8"), DST_TYPES, f"{path}.dst_type"),
         weights_retrain_algo=WEIGHT_ALGOS[algo],
         channel_wise=_bool(sec.get("channel_wise", False), f"{path}.channel_wise"),
+        group_size=_group_size(sec.get("group_size"), f"{path}.group_size"),
     )
+    if cfg.group_size is not None and not cfg.channel_wise:
+        raise ValueError(
+            f"{path}.group_size={cfg.group_size}: group-wise scales are per output channel and group of input "
+            "features, so they need channel_wise=True (got channel_wise=False)"
+        )
+    return cfg
+
+
+def _group_size(value: Any, path: str) -> int | None:
+    if value is None:
+        return None
+    rule = "None or a power of two >= 16 (e.g. 32, 64, 128)"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{path}: expected {rule} as an int, got {_describe(value)}")
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"{path}: expected {rule}, got {value!r}")
+    return value
 
 
 def _load_json(path: str | os.PathLike) -> Any:

@@ -78,6 +78,12 @@ def check_exportable(module) -> None:
             f"{_describe(module)}: is in training mode; call model.eval() before export "
             "(the exported graph is the eval-mode forward)."
         )
+    if module.config.retrain_weight_config.group_size is not None:
+        raise RuntimeError(
+            f"{_describe(module)}: group-wise weight scales (group_size="
+            f"{module.config.retrain_weight_config.group_size}) are not exported yet; use channel_wise without "
+            "group_size for a layer you export"
+        )
     if not _per_channel_fits_one_axis(module):
         raise RuntimeError(
             f"{_describe(module)}: per-channel weight scales of a grouped transposed conv (groups={module.groups}) "

@@ -78,10 +78,10 @@ class QuantSpec(NamedTuple):
 
 
 # ---- the float op of each module type: forward and the two halves of its backward -----
-class LinearOp:
+class LinearOp(NamedTuple):
     """y = x @ wᵀ + b over the last dim (nn.Linear)."""
 
-    layout = None  # weight rows are the output channels
+    layout: WeightLayout | None = None  # None: weight rows are the output channels
 
     def forward(self, xq, wq, bias):
         return F.linear(xq, wq, bias)

@@ -22,10 +22,12 @@ _QUANT_KEYS = ("act_bits", "weight_bits", "channel_wise", "weights_retrain_algo"
 
 
 def _shape_record(m) -> dict:
-    """The layer's identity: in/out features for a linear (the first release's keys), and for a
-    conv its class, channels, kernel size and groups."""
+    """The layer's identity: in/out features for a linear (the first release's keys; group-wise
+    weight scales add `group_size`), and for a conv its class, channels, kernel size and groups."""
     if hasattr(m, "in_features"):
-        return {"in_features": m.in_features, "out_features": m.out_features}
+        group = m.config.retrain_weight_config.group_size
+        return {"in_features": m.in_features, "out_features": m.out_features,
+                **({} if group is None else {"group_size": group})}
     return {"layer_type": type(m).__name__, "in_channels": m.in_channels, "out_channels": m.out_channels,
             "kernel_size": list(m.kernel_size), "groups": m.groups}
 
@@ -120,7 +122,7 @@ def _check_layer(name, m, rec) -> dict:
     if got != (float(scale_d), int(offset_d)):
         raise ValueError(f"{where}: scale_d={got[0]!r}, offset_d={got[1]!r} do not follow from clip_max_d/clip_min_d "
                          f"(expected {float(scale_d)!r}, {int(offset_d)!r})")
-    n_scales = m._out_channels if wcfg.channel_wise else 1
+    n_scales = m._n_weight_scales()
     scale_w, offset_w = rec["scale_w"], rec["offset_w"]
     for key, values in (("scale_w", scale_w), ("offset_w", offset_w)):
         if not isinstance(values, list) or len(values) != n_scales:

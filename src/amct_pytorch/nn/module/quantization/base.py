@@ -88,6 +88,15 @@ class QATModuleMixin:
     def _check_input_shape(self, x) -> None:
         raise NotImplementedError
 
+    def _n_weight_scales(self) -> int:
+        """How many weight scales the config asks for: 1, one per output channel, or (group-wise,
+        LinearQAT only) one per output channel and group of input features."""
+        return self._out_channels if self.config.retrain_weight_config.channel_wise else 1
+
+    def _channel_abs_sums(self, wq):
+        """sum |w| over each output channel's weights (the largest bounds any output's sum)."""
+        return wq.reshape(self._out_channels, -1).abs().double().sum(dim=1)
+
     def _float_apply(self, x, weight):
         """The float layer's computation on (x, weight) with this module's bias and settings."""
         raise NotImplementedError
@@ -107,7 +116,7 @@ class QATModuleMixin:
         self.acts_clip_min = nn.Parameter(torch.tensor(data.clip_min or 0.0, **f32), requires_grad=not data.fixed_min)
         self.register_buffer("acts_scale", torch.ones(1, **f32))
         self.register_buffer("acts_offset", torch.zeros(1, device=device, dtype=torch.int8))
-        n_scales = self._out_channels if wcfg.channel_wise else 1
+        n_scales = self._n_weight_scales()
         if wcfg.learnable_scale:
             self.wts_scales = nn.Parameter(torch.ones(n_scales, **f32))
             self.register_buffer("wts_scale_ready", torch.tensor(False, device=device))
@@ -239,7 +248,7 @@ class QATModuleMixin:
                                    layout)
             # every output sums at most one channel's weights times inputs: bound by the largest
             # channel's sum of |w_q| (for a transposed conv, a subset of its kernel's terms)
-            bound = amax * wq.reshape(layout.view).double().abs().sum(dim=layout.reduce).amax()
+            bound = amax * self._channel_abs_sums(wq).amax()
             if self.bias is not None:
                 bound = bound + self.bias.double().abs().amax()
             # float32 accumulation may overshoot the exact sum by about (terms per output) ulps

@@ -27,7 +27,14 @@ def _check_common(in_channels, out_channels, dtype, device, config):
     positive_int(in_channels, "in_channels")
     positive_int(out_channels, "out_channels")
     check_dtype(dtype)
-    return check_device(device), parse_config(config)
+    cfg = parse_config(config)
+    if cfg.retrain_weight_config.group_size is not None:
+        raise ValueError(
+            f"retrain_weight_config.group_size={cfg.retrain_weight_config.group_size}: group-wise weight scales "
+            "are supported for LinearQAT only (a conv's input features are channels x kernel positions, which no "
+            "ONNX blocked DequantizeLinear groups); use channel_wise=True without group_size for convs"
+        )
+    return check_device(device), cfg
 
 
 class _ConvQATBase(QATModuleMixin):
@@ -135,6 +142,9 @@ class _ConvTransposeNdQAT(_ConvQATBase):
         g = self.groups
         w_in, w_out = self.weight.shape[0], self.weight.shape[1]
         return WeightLayout((g, w_in // g, w_out, -1), (g, 1, w_out, 1), (1, 3))
+
+    def _channel_abs_sums(self, wq):
+        return wq.reshape(self._weight_layout().view).abs().double().sum(dim=(1, 3)).reshape(-1)
 
     def _output_padding_for(self, x, output_size):
         return tuple(self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, self._ND,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ....config import QATConfig, parse_config
 from ....functional import WeightLayout, rows_layout
-from ....qat_function import LINEAR, qat_apply
+from ....qat_function import LINEAR, LinearOp, qat_apply
 from .base import QATModuleMixin, calibrating, check_device, check_dtype, positive_int
 
 __all__ = ["LinearQAT", "calibrating"]
@@ -31,6 +31,10 @@ class LinearQAT(QATModuleMixin, nn.Linear):
         check_dtype(dtype)
         device = check_device(device)
         cfg = parse_config(config)
+        group = cfg.retrain_weight_config.group_size
+        if group is not None and in_features % group:
+            raise ValueError(f"retrain_weight_config.group_size={group} does not divide in_features={in_features}; "
+                             "use a power of two >= 16 that divides it, or None")
         super().__init__(in_features, out_features, bias=bool(bias), device=device, dtype=torch.float32)
         self.config: QATConfig = cfg
         self._build_quant_state(self.weight.device)
@@ -56,7 +60,18 @@ class LinearQAT(QATModuleMixin, nn.Linear):
         return self.out_features
 
     def _weight_layout(self) -> WeightLayout:
-        return rows_layout(self.weight.shape)
+        group = self.config.retrain_weight_config.group_size
+        if group is None:
+            return rows_layout(self.weight.shape)
+        # group-wise: one scale per (output row, block of `group` input features)
+        return WeightLayout((self.out_features, self.in_features // group, group),
+                            (self.out_features, self.in_features // group, 1), (2,))
+
+    def _n_weight_scales(self) -> int:
+        group = self.config.retrain_weight_config.group_size
+        if group is None:
+            return super()._n_weight_scales()
+        return self.out_features * (self.in_features // group)
 
     def _check_input_shape(self, x):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -68,5 +83,6 @@ class LinearQAT(QATModuleMixin, nn.Linear):
         return F.linear(x, weight, self.bias)
 
     def _qat_call(self, x, w_scale, spec, wq, act_grid):
-        return qat_apply(x, self.weight, self.bias, self.acts_clip_max, self.acts_clip_min, w_scale, spec, LINEAR,
+        op = LINEAR if self.config.retrain_weight_config.group_size is None else LinearOp(self._weight_layout())
+        return qat_apply(x, self.weight, self.bias, self.acts_clip_max, self.acts_clip_min, w_scale, spec, op,
                          wq, act_grid)
