@@ -28,14 +28,19 @@ from .config import QATConfig, parse_config
 from .nn.module.quantization.base import QATModuleMixin, calibrating
 from .nn.module.quantization.conv import (Conv1dQAT, Conv2dQAT, Conv3dQAT, ConvTranspose1dQAT, ConvTranspose2dQAT,
                                           ConvTranspose3dQAT)
+from .nn.module.quantization.embedding import EmbeddingQAT
 from .nn.module.quantization.linear import LinearQAT
 
-# float layer class -> its QAT module
+# float layer class -> its QAT module; to_qat converts these by default
 QAT_CLASSES: dict[type, type] = {
     nn.Linear: LinearQAT, nn.Conv1d: Conv1dQAT, nn.Conv2d: Conv2dQAT, nn.Conv3d: Conv3dQAT,
     nn.ConvTranspose1d: ConvTranspose1dQAT, nn.ConvTranspose2d: ConvTranspose2dQAT,
     nn.ConvTranspose3d: ConvTranspose3dQAT,
 }
+# converted only when asked for with layer_types (weight-only quantization of embedding tables)
+OPTIONAL_QAT_CLASSES: dict[type, type] = {nn.Embedding: EmbeddingQAT}
+_ALL_CLASSES = {**QAT_CLASSES, **OPTIONAL_QAT_CLASSES}
+_QAT_TYPES = (QATModuleMixin, EmbeddingQAT)
 
 @dataclass
 class ConversionSummary:
@@ -109,7 +114,9 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         the last matching entry wins.
     skip: keys of layers to leave as float layers.
     layer_types: the float classes to convert (default: every key of QAT_CLASSES), e.g.
-        (nn.Linear,) to leave convolutions float.
+        (nn.Linear,) to leave convolutions float, or [*QAT_CLASSES, nn.Embedding] to quantize
+        embedding tables too (EmbeddingQAT, weight only; give the embeddings a config without
+        retrain_data_config through `overrides`).
     Everything is validated before the model is touched. Weights and biases are shared
     with the original layers (the same Parameter objects), so an optimizer built before
     conversion still sees them. A layer registered under several names is converted
@@ -133,10 +140,10 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         if isinstance(layer_types, type) or not isinstance(layer_types, Iterable):
             raise TypeError(f"layer_types: expected a list of float layer classes, got {layer_types!r}")
         layer_types = tuple(layer_types)
-        bad = [t for t in layer_types if t not in QAT_CLASSES]
+        bad = [t for t in layer_types if t not in _ALL_CLASSES]
         if bad or not layer_types:
             raise ValueError(f"layer_types: {bad or layer_types!r} not supported; allowed: "
-                             f"{', '.join('nn.' + t.__name__ for t in QAT_CLASSES)}")
+                             f"{', '.join('nn.' + t.__name__ for t in _ALL_CLASSES)}")
 
     rules = []  # (key, selector, config, is_layer_object)
     for key, cfg in overrides.items():
@@ -157,7 +164,7 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
     for _, _, name, mod in sites:
         if first_name[id(mod)] != name or not isinstance(mod, layer_types):
             continue
-        if isinstance(mod, QATModuleMixin):
+        if isinstance(mod, _QAT_TYPES):
             summary.skipped[name] = f"already a {type(mod).__name__}"
         elif type(mod) not in layer_types:
             base = next(t for t in layer_types if isinstance(mod, t))
@@ -194,7 +201,7 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
     for _, _, name, mod in sites:
         if id(mod) in plan and id(mod) not in built:
             _, cfg, _ = plan[id(mod)]
-            built[id(mod)] = QAT_CLASSES[type(mod)].from_float(mod, config=cfg)
+            built[id(mod)] = _ALL_CLASSES[type(mod)].from_float(mod, config=cfg)
     for parent, attr, _, mod in sites:
         if id(mod) in built:
             setattr(parent, attr, built[id(mod)])
@@ -211,7 +218,7 @@ def to_float(model: nn.Module) -> list[str]:
     qualified names restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    sites = [s for s in _linear_sites(model) if isinstance(s[3], QATModuleMixin)]
+    sites = [s for s in _linear_sites(model) if isinstance(s[3], _QAT_TYPES)]
     restored, done = [], {}
     for parent, attr, name, mod in sites:
         if id(mod) not in done:
@@ -221,9 +228,9 @@ def to_float(model: nn.Module) -> list[str]:
     return restored
 
 
-def qat_layers(model: nn.Module) -> dict[str, QATModuleMixin]:
-    """{qualified name: QAT module} of the model, each layer once."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QATModuleMixin)}
+def qat_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{qualified name: QAT module (EmbeddingQAT included)} of the model, each layer once."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QAT_TYPES)}
 
 
 def _require_layers(model: nn.Module, what: str) -> dict[str, QATModuleMixin]:
@@ -257,8 +264,8 @@ def unfreeze_calibration(model: nn.Module) -> int:
     return len(layers)
 
 
-def _range_params(m: QATModuleMixin):
-    params = [m.acts_clip_max, m.acts_clip_min]
+def _range_params(m: nn.Module):
+    params = [m.acts_clip_max, m.acts_clip_min] if isinstance(m, QATModuleMixin) else []
     if isinstance(m.wts_scales, nn.Parameter):
         params.append(m.wts_scales)
     return params

@@ -1,0 +1,92 @@
+"""EmbeddingQAT (extension): weight-only quantization of embedding tables."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from amct_pytorch import EmbeddingQAT, LinearQAT, disable_quantization, enable_quantization, qat_layers, to_float, to_qat
+from amct_pytorch.functional import lsq_scale_grad, rows_layout
+
+W = "retrain_weight_config"
+PER_ROW = {W: {"channel_wise": True}}
+ULQ = {W: {"channel_wise": True, "weights_retrain_algo": "ulq_quantize", "dst_type": "INT4"}}
+
+
+def _ids(seed=0, vocab=50):
+    return torch.randint(0, vocab, (4, 9), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("config", [{}, PER_ROW, ULQ])
+def test_lookup_equals_the_fake_quantized_table(config):
+    torch.manual_seed(0)
+    m = EmbeddingQAT(50, 16, config=config).train()
+    ids = _ids()
+    y = m(ids)
+    assert torch.equal(y, m.fake_quantized_weight()[ids])
+    m.eval()
+    assert torch.equal(m(ids), m.fake_quantized_weight()[ids])
+
+
+def test_gradients_are_straight_through_and_lsq_like_every_qat_weight():
+    torch.manual_seed(1)
+    m = EmbeddingQAT(30, 8, config=ULQ).train()
+    ids = torch.tensor([[1, 2, 2, 7], [7, 0, 3, 1]])
+    m(ids)  # initialises the scales
+    g = torch.randn(2, 4, 8)
+    m.zero_grad()
+    m(ids).backward(g)
+    # reference: the table's gradient (rows scattered) through LinearQAT's LSQ formula
+    grad_table = torch.zeros(30, 8).index_add_(0, ids.reshape(-1), g.reshape(-1, 8))
+    assert torch.equal(m.weight.grad, grad_table)  # straight-through
+    want = lsq_scale_grad(m.weight.detach(), grad_table, m.wts_scales.detach().abs(), 4, rows_layout((30, 8)))
+    torch.testing.assert_close(m.wts_scales.grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_padding_idx_row_gets_no_gradient():
+    m = EmbeddingQAT(10, 4, padding_idx=0, config=PER_ROW).train()
+    m(torch.tensor([0, 0, 3])).sum().backward()
+    assert m.weight.grad[0].abs().sum() == 0 and m.weight.grad[3].abs().sum() > 0
+
+
+def test_from_float_shares_the_table_and_state_round_trips():
+    emb = nn.Embedding(20, 6)
+    m = EmbeddingQAT.from_float(emb, ULQ).train()
+    assert m.weight is emb.weight and type(m.to_float()) is nn.Embedding and m.to_float().weight is emb.weight
+    m(_ids(vocab=20)).sum().backward()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh = EmbeddingQAT(20, 6, config=ULQ)
+    fresh.load_state_dict(torch.load(buf))
+    m.eval(), fresh.eval()
+    assert torch.equal(fresh(_ids(3, 20)), m(_ids(3, 20)))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(config={"retrain_data_config": {"batch_num": 2}}), ValueError, "quantizes its table only"),
+    (dict(config={W: {"channel_wise": True, "group_size": 16}}), ValueError, "not group-wise"),
+    (dict(max_norm=1.0), ValueError, "max_norm"),
+    (dict(sparse=True), ValueError, "sparse"),
+    (dict(dtype=torch.float16), TypeError, "only torch.float32"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EmbeddingQAT(10, 4, **kwargs)
+
+
+def test_bad_ids():
+    m = EmbeddingQAT(10, 4)
+    with pytest.raises(TypeError, match="int64 or int32 token ids"):
+        m(torch.zeros(3))
+
+
+def test_to_qat_converts_embeddings_only_when_asked():
+    model = nn.Sequential(nn.Embedding(40, 16), nn.Linear(16, 4))
+    to_qat(model)
+    assert type(model[0]) is nn.Embedding and type(model[1]) is LinearQAT
+    model = nn.Sequential(nn.Embedding(40, 16), nn.Linear(16, 4))
+    to_qat(model, layer_types=[nn.Linear, nn.Embedding], overrides={"0": PER_ROW})
+    assert type(model[0]) is EmbeddingQAT and set(qat_layers(model)) == {"0", "1"}
+    assert disable_quantization(model) == 2 and enable_quantization(model) == 2
+    assert to_float(model) == ["0", "1"] and type(model[0]) is nn.Embedding
