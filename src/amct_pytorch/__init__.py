@@ -1,7 +1,8 @@
 """amct_pytorch: quantization-aware training with AMCT's single-operator QAT API (LinearQAT and the
 conv family), on any PyTorch device."""
 from .config import DataQuantConfig, QATConfig, WeightQuantConfig, parse_config
-from .nn.module.quantization.base import QATModuleMixin, calibrating
+from .nn.module.quantization.base import (CalibrationSkippedWarning, QATModuleMixin, calibrating, set_strict_inputs,
+                                          strict_inputs, strict_inputs_enabled)
 from .nn.module.quantization.linear import LinearQAT
 from .nn.module.quantization.conv import (Conv1dQAT, Conv2dQAT, Conv3dQAT, ConvTranspose1dQAT, ConvTranspose2dQAT,
                                           ConvTranspose3dQAT)
@@ -12,7 +13,8 @@ from .convert import (QAT_CLASSES, ConversionSummary, calibrate, disable_quantiz
 from .outliers import ChannelSplit, split_outlier_channels
 
 __all__ = ["LinearQAT", "Conv1dQAT", "Conv2dQAT", "Conv3dQAT", "ConvTranspose1dQAT", "ConvTranspose2dQAT",
-           "ConvTranspose3dQAT", "QATModuleMixin", "QAT_CLASSES", "DeployedLayer", "calibrating", "parse_config",
+           "ConvTranspose3dQAT", "QATModuleMixin", "QAT_CLASSES", "set_strict_inputs", "strict_inputs",
+           "strict_inputs_enabled", "CalibrationSkippedWarning", "DeployedLayer", "calibrating", "parse_config",
            "QATConfig", "DataQuantConfig", "WeightQuantConfig",
            "export_onnx", "ExportResult", "deploy_view", "DeployedLinear", "save_quant_record", "load_quant_record",
            "to_qat", "to_float", "ConversionSummary", "calibrate", "qat_layers", "freeze_calibration",
