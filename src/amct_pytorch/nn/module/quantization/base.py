@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ....config import QATConfig, parse_config
 from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
+from ....fsdp import write_param
 from ....functional import EPS, WeightLayout, act_qparams, arq_scale, fake_quant_weight, ulq_weight_scale
 from ....ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
 from ....qat_function import QuantSpec, WeightCache, qat_apply
@@ -484,12 +485,13 @@ class QATModuleMixin:
             zero_max, zero_min = ifmr_exact(torch.zeros(1, device=clip_max.device), data.num_bits)
             clip_max = zero_max if data.clip_max is None else clip_max
             clip_min = zero_min if data.clip_min is None else clip_min
+        # write_param: also into this rank's FSDP2 shard (a write to the unsharded parameter alone is lost)
         if data.clip_max is None:
-            self.acts_clip_max.copy_(clip_max)
+            write_param(self, "acts_clip_max", clip_max.reshape(1))
         if data.fixed_min:
-            self.acts_clip_min.zero_()
+            write_param(self, "acts_clip_min", torch.zeros_like(self.acts_clip_min))
         elif data.clip_min is None:
-            self.acts_clip_min.copy_(clip_min)
+            write_param(self, "acts_clip_min", clip_min.reshape(1))
         if data.ifmr_search == "histogram":
             self.calib_hist.zero_()
         self.calib_done.fill_(True)
@@ -516,7 +518,7 @@ class QATModuleMixin:
                 if not update:
                     return init
                 with torch.no_grad():
-                    self.wts_scales.copy_(init)
+                    write_param(self, "wts_scales", init)
                     self.wts_scale_ready.fill_(True)
                 self._wts_ready = True
             return ulq_weight_scale(self.wts_scales)
