@@ -11,7 +11,7 @@ from .quant_record import load_quant_record, save_quant_record
 from .convert import (QAT_CLASSES, ConversionSummary, calibrate, disable_quantization, enable_quantization,
                       freeze_calibration, qat_layers, to_float, to_qat, unfreeze_calibration)
 from .outliers import ChannelSplit, split_outlier_channels
-from .training import migrate_optimizer_state
+from .training import from_pretrained, migrate_optimizer_state, save_pretrained
 
 __all__ = ["LinearQAT", "Conv1dQAT", "Conv2dQAT", "Conv3dQAT", "ConvTranspose1dQAT", "ConvTranspose2dQAT",
            "ConvTranspose3dQAT", "QATModuleMixin", "QAT_CLASSES", "set_strict_inputs", "strict_inputs",
@@ -20,5 +20,5 @@ __all__ = ["LinearQAT", "Conv1dQAT", "Conv2dQAT", "Conv3dQAT", "ConvTranspose1dQ
            "export_onnx", "ExportResult", "deploy_view", "DeployedLinear", "save_quant_record", "load_quant_record",
            "to_qat", "to_float", "ConversionSummary", "calibrate", "qat_layers", "freeze_calibration",
            "unfreeze_calibration", "disable_quantization", "enable_quantization",
-           "split_outlier_channels", "ChannelSplit", "migrate_optimizer_state"]
+           "split_outlier_channels", "ChannelSplit", "migrate_optimizer_state", "save_pretrained", "from_pretrained"]
 __version__ = "0.1.0"
