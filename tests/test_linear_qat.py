@@ -125,8 +125,8 @@ def test_ulq_gradients_match_spec_formula(bits):
     dn = xd < scale * (qmin - offset)
     xt = torch.where(up, cmax, torch.where(dn, cmin, xd)) / scale
     e = (torch.round(xt) - xt) / L
-    torch.testing.assert_close(m.acts_clip_max.grad, (gx * (e + up)).sum(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(m.acts_clip_min.grad, (gx * (dn.float() - e)).sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.acts_clip_max.grad, (gx * (e + up)).sum().reshape(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.acts_clip_min.grad, (gx * (dn.float() - e)).sum().reshape(1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, gx * ~(up | dn), rtol=0, atol=1e-6)
     assert up.any() or dn.any() or bits == 8
 

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="smoke run on a few sentences (under a minute)")
     demo.add_argument("--no-split", action="store_true",
                       help="quantize the model as shipped (skip the float-exact FFN outlier channel split)")
+    demo.add_argument("--amp", choices=["fp32", "bf16"], default="fp32",
+                      help="QAT training precision: bf16 runs the training forwards under torch.autocast(bfloat16) "
+                           "(the QAT layers keep float32 math; default fp32)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
         try:
             run_demo(out=args.out, steps=args.steps, batch_size=args.batch_size, config=args.config,
                      quick=args.quick, progress=not args.no_progress,
-                     split=not args.no_split)
+                     split=not args.no_split, amp=args.amp)
         except ImportError as err:
             print(f"amct-qat demo: {err}", file=sys.stderr)
             return 1

@@ -44,6 +44,9 @@ def _kernels():
 
 
 def _fq_act(x, scale, offset, bits, compiled):
+    if torch.compiler.is_compiling():  # inside a user's torch.compile: plain ops, traced and fused there
+        qmin, qmax = int_range(bits)
+        return fake_quant_act_plain(x, scale, offset, qmin, qmax)
     if compiled:
         qmin, qmax = int_range(bits)
         return _kernels()[0](x, scale, offset, qmin, qmax)
@@ -51,7 +54,7 @@ def _fq_act(x, scale, offset, bits, compiled):
 
 
 def _fq_weight(weight, scale, bits, compiled, layout=None):
-    if compiled:
+    if compiled and not torch.compiler.is_compiling():
         qmin, qmax = int_range(bits)
         if scale.numel() > 1:
             view = weight.detach().reshape(layout.view) if layout is not None else weight.detach()
@@ -63,9 +66,11 @@ def _fq_weight(weight, scale, bits, compiled, layout=None):
 
 
 def _ulq(x2, grad_xq, a_scale, a_offset, clip_max, clip_min, bits, need_x, compiled):
-    if compiled:
+    compiling = torch.compiler.is_compiling()
+    if compiled or compiling:
         qmin, qmax = int_range(bits)
-        grad_max, grad_min = _kernels()[2](x2, grad_xq, a_scale, a_offset, clip_max, clip_min, qmin, qmax)
+        kernel = ulq_act_grads_plain if compiling else _kernels()[2]
+        grad_max, grad_min = kernel(x2, grad_xq, a_scale, a_offset, clip_max, clip_min, qmin, qmax)
         return (grad_xq if need_x else None), grad_max, grad_min
     return ulq_act_grads(x2, grad_xq, a_scale, a_offset, clip_max, clip_min, bits, need_x, inplace=True)
 
@@ -148,6 +153,15 @@ class QATFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        # a backward run inside torch.autocast must not recast the float32 math (the forward ran outside it)
+        device_type = grad_y.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return QATFunction._backward(ctx, grad_y.float())
+        return QATFunction._backward(ctx, grad_y if grad_y.dtype == torch.float32 else grad_y.float())
+
+    @staticmethod
+    def _backward(ctx, grad_y):
         x, weight, wq, w_scale, clip_max, clip_min, a_scale, a_offset = ctx.saved_tensors
         spec, op = ctx.spec, ctx.op
         need_x, need_w, need_b, need_max, need_min, need_s = ctx.needs_input_grad[:6]
@@ -206,6 +220,8 @@ class WeightCache:
 
     def lookup(self, sources):
         """(scale, ŵ) if cached for exactly these tensors in their current state, else None."""
+        if torch.compiler.is_compiling():  # data_ptr/_version cannot be traced: compute ŵ in the graph
+            return None
         if self._key != tuple((t.data_ptr(), t._version) for t in sources):
             return None
         if not all(ref() is t for ref, t in zip(self._refs, sources)):
@@ -213,6 +229,8 @@ class WeightCache:
         return self.scale, self.wq
 
     def store(self, sources, scale, wq):
+        if torch.compiler.is_compiling():
+            return
         self._key = tuple((t.data_ptr(), t._version) for t in sources)
         self._refs = tuple(weakref.ref(t) for t in sources)
         self.scale, self.wq = scale, wq

@@ -24,9 +24,11 @@ def settings_from_file(path) -> tuple[Setting, ...]:
 
 
 def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick=False, progress=True,
-             split=True, log=print) -> dict:
+             split=True, log=print, amp="fp32") -> dict:
     """Run the demo and return the report (also written to `out`)."""
-    opts = Options(progress=progress, split_outliers=split)
+    if amp not in ("fp32", "bf16"):
+        raise ValueError(f"amp: expected 'fp32' or 'bf16', got {amp!r}")
+    opts = Options(progress=progress, split_outliers=split, amp=amp)
     if quick:
         opts = replace(opts, **QUICK)
     if steps is not None:
@@ -71,7 +73,7 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "options": {"steps": {s["name"]: s["steps"] for s in results}, "batch_size": opts.batch_size, "quick": quick,
                     "config": str(config) if config else None, "calib_sentences": opts.calib_size,
-                    "split_outliers": opts.split_outliers,
+                    "split_outliers": opts.split_outliers, "amp": opts.amp,
                     "lr_weights": opts.lr_weights, "lr_clips": opts.lr_clips,
                     "lr_weight_scales": opts.lr_weight_scales},
         "data": {"train_sentences": len(train_texts), "eval_sentences": len(eval_texts),

@@ -63,6 +63,7 @@ class Options:
     split_ratio: float = 3.0
     settings: tuple = SETTINGS
     progress: bool = True
+    amp: str = "fp32"  # "bf16": QAT training forwards under torch.autocast(device, bfloat16)
 
 
 @dataclass
@@ -128,6 +129,11 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
 
 
+def _autocast(model, amp):
+    device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=(amp == "bf16"))
+
+
 def train(student, tokenizer, texts, targets, evaluator, opts: Options, steps: int) -> dict[str, list]:
     """Distil: minimise 1 - cos(student embedding, float embedding) on random batches."""
     rng = random.Random(opts.seed + 1)
@@ -151,8 +157,9 @@ def train(student, tokenizer, texts, targets, evaluator, opts: Options, steps: i
         for step in range(1, steps + 1):
             student.train()
             pick = rng.sample(index, min(opts.batch_size, len(index)))
-            emb = embed(student, tokenize(tokenizer, [texts[k] for k in pick]))
-            loss = (1.0 - (emb * targets[pick]).sum(1)).mean()
+            with _autocast(student, opts.amp):
+                emb = embed(student, tokenize(tokenizer, [texts[k] for k in pick]))
+            loss = (1.0 - (emb.float() * targets[pick]).sum(1)).mean()
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()

@@ -15,18 +15,23 @@ with autograd enabled, or any forward inside `amct_pytorch.calibrating()`. Eval 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
+import warnings
 
 import torch
 import torch.nn as nn
 
 from ....config import QATConfig, parse_config
 from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
+from ....fsdp import write_param
 from ....functional import EPS, WeightLayout, act_qparams, arq_scale, fake_quant_weight, ulq_weight_scale
 from ....ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
 from ....qat_function import QuantSpec, WeightCache, qat_apply
 
 _FORCE = threading.local()
+_STRICT = False  # see set_strict_inputs
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _HIST_LIMIT = 2.0**126  # the histogram spans [-R, R) with R a power of two: 2R must stay finite
 
@@ -42,6 +47,72 @@ def calibrating():
         _FORCE.on = previous
 
 
+def set_strict_inputs(enabled: bool = True) -> None:
+    """Check every forward's input for NaN/inf, also after calibration (a host sync per call).
+
+    Off by default: calibrating forwards always check (statistics can never be poisoned), but a
+    calibrated layer lets a non-finite input propagate as nn.Linear does, so that a training step
+    has no host sync and compiles with fullgraph=True. See also `strict_inputs()`.
+    """
+    global _STRICT
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_strict_inputs: enabled must be a bool, got {enabled!r}")
+    _STRICT = enabled
+
+
+def strict_inputs_enabled() -> bool:
+    return _STRICT
+
+
+@contextlib.contextmanager
+def strict_inputs(enabled: bool = True):
+    """set_strict_inputs(enabled) inside this block only."""
+    previous = _STRICT
+    set_strict_inputs(enabled)
+    try:
+        yield
+    finally:
+        set_strict_inputs(previous)
+
+
+class CalibrationSkippedWarning(UserWarning):
+    """A forward on an uncalibrated QAT layer that neither calibrates nor quantizes."""
+
+
+def _saved_tensor_hook_kind() -> str | None:
+    """'forward' inside torch.utils.checkpoint(use_reentrant=False)'s forward, 'recompute' inside
+    its recomputation in backward, else None (told apart by the saved-tensor hook it installs)."""
+    if torch.compiler.is_compiling():
+        return None
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None:
+        return None
+    name = getattr(hooks[0], "__qualname__", "")
+    if name.startswith("_recomputation_hook."):
+        return "recompute"
+    if name.startswith("_checkpoint_hook."):
+        return "forward"
+    return None
+
+
+def _in_reentrant_checkpoint_forward() -> bool:
+    """Inside torch.utils.checkpoint(use_reentrant=True)'s no-grad first pass (its real forward
+    runs again, with grad, in backward)."""
+    try:
+        from torch.utils.checkpoint import CheckpointFunction
+    except ImportError:  # pragma: no cover
+        return False
+    code = CheckpointFunction.forward.__code__
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _exporting() -> bool:
     # torch.compiler.is_exporting covers torch.export (the dynamo ONNX exporter's first step);
     # is_compiling is left out on purpose: a torch.compile'd training step must still update state
@@ -55,6 +126,16 @@ def positive_int(value, name):
     if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return value
+
+
+def _output_dtype(x):
+    """The dtype the float layer would return for input x: the autocast dtype inside autocast, the
+    input's own dtype for a bfloat16/float16 input outside it; None for float32."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return None if dtype == torch.float32 else dtype
+    return x.dtype if x.dtype in _LOW_PRECISION else None
 
 
 def check_dtype(dtype, what="dtype"):
@@ -112,8 +193,10 @@ class QATModuleMixin:
     def _build_quant_state(self, device):
         data, wcfg = self.config.retrain_data_config, self.config.retrain_weight_config
         f32 = dict(device=device, dtype=torch.float32)
-        self.acts_clip_max = nn.Parameter(torch.tensor(data.clip_max or 0.0, **f32))
-        self.acts_clip_min = nn.Parameter(torch.tensor(data.clip_min or 0.0, **f32), requires_grad=not data.fixed_min)
+        # shape (1,), not 0-d: FSDP2 shards every parameter on dim 0 (0-d checkpoints still load)
+        self.acts_clip_max = nn.Parameter(torch.full((1,), data.clip_max or 0.0, **f32))
+        self.acts_clip_min = nn.Parameter(torch.full((1,), data.clip_min or 0.0, **f32),
+                                          requires_grad=not data.fixed_min)
         self.register_buffer("acts_scale", torch.ones(1, **f32))
         self.register_buffer("acts_offset", torch.zeros(1, device=device, dtype=torch.int8))
         n_scales = self._n_weight_scales()
@@ -133,6 +216,49 @@ class QATModuleMixin:
         else:  # exact search: the values of the calibration batches before the last one
             self.register_buffer("calib_samples", torch.zeros(0, **f32))
         self._calibrated = not needs_calib  # host mirror of calib_done: no device sync per call
+        self._wts_ready = False  # host mirror of wts_scale_ready (ULQ weights)
+        self._finished_in_forward = False  # calibration ended in the last state-updating forward
+        self._warned_uncalibrated = False
+        self._wq_cache = None
+
+    def __setstate__(self, state):
+        # modules pickled by earlier releases lack the newer host-side flags
+        state.setdefault("_wts_ready", bool(state.get("_buffers", {}).get("wts_scale_ready", False)))
+        state.setdefault("_finished_in_forward", False)
+        state.setdefault("_warned_uncalibrated", False)
+        super().__setstate__(state)
+
+    def reset_parameters(self) -> None:
+        """The float layer's initialisation of weight and bias, and a fresh (uncalibrated)
+        quantization state: what `to_empty()` after meta-device construction needs."""
+        self._FLOAT.reset_parameters(self)
+        if "acts_clip_max" in self._parameters:  # not yet during the float layer's __init__
+            self.reset_quant_state()
+
+    @torch.no_grad()
+    def reset_quant_state(self) -> None:
+        """Back to the state of a freshly built module (in place: the tensors keep their storage)."""
+        data = self.config.retrain_data_config
+        self.acts_clip_max.fill_(data.clip_max or 0.0)
+        self.acts_clip_min.fill_(data.clip_min or 0.0)
+        self.acts_scale.fill_(1.0)
+        self.acts_offset.zero_()
+        self.wts_scales.fill_(1.0)
+        self.wts_offsets.zero_()
+        if hasattr(self, "wts_scale_ready"):
+            self.wts_scale_ready.fill_(False)
+        self.calib_done.fill_(not data.needs_calibration)
+        self.calib_batches.zero_()
+        if hasattr(self, "calib_hist"):
+            self.calib_hist.zero_()
+            self.calib_range.zero_()
+            self.calib_minmax.zero_()
+        else:
+            self.calib_samples = self.calib_samples.new_zeros(0)
+        self._calibrated = not data.needs_calibration
+        self._wts_ready = False
+        self._finished_in_forward = False
+        self._warned_uncalibrated = False
         self._wq_cache = None
 
     @classmethod
@@ -157,13 +283,42 @@ class QATModuleMixin:
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
             return self._forward_for_export(x, *args, **kwargs)
         self._check_input(x)
-        update = self.updates_state()
-        quant_act = self._calibrated
-        if not quant_act and update:
-            self._observe(x)
+        # mixed precision: master parameters and all quantization math stay float32, and so does
+        # the op itself (x̂ and ŵ are exact on their grids only in float32: parity with the
+        # float32 QDQ export); the result comes back in the dtype the float layer would return
+        out_dtype = _output_dtype(x)
+        if x.dtype != torch.float32:
+            x = x.float()
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._forward_f32(x, *args, **kwargs)
+        else:
+            y = self._forward_f32(x, *args, **kwargs)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    def _forward_f32(self, x, *args, **kwargs):
+        ckpt = _saved_tensor_hook_kind()
+        recompute = ckpt == "recompute"  # non-reentrant checkpointing's second run of a forward
+        update = not recompute and self.updates_state()
+        if recompute:  # decide as the original forward did, change nothing
+            quant_act = self._calibrated and not self._finished_in_forward
+        else:
+            quant_act = self._calibrated
+            if update and self._finished_in_forward:
+                self._finished_in_forward = False
+            if not quant_act:
+                if update:
+                    self._observe(x)
+                    if self._calibrated:
+                        self._finished_in_forward = True
+                elif self.config.retrain_data_config.needs_calibration:
+                    self._warn_uncalibrated()
         if update:
-            self._wq_cache = None
+            if self._wq_cache is not None:
+                self._wq_cache = None
             w_scale, wq = self._weight_scale(True), None
+        elif recompute or torch.compiler.is_compiling():
+            w_scale, wq = self._weight_scale(False), None
         else:
             w_scale, wq = self._cached_weight()
         abits = self.config.retrain_data_config.num_bits
@@ -176,6 +331,18 @@ class QATModuleMixin:
         spec = QuantSpec(abits if quant_act else None, self.config.retrain_weight_config.num_bits,
                          self.config.retrain_weight_config.learnable_scale)
         return self._qat_call(x, w_scale, spec, wq, act_grid, *args, **kwargs)
+
+    def _warn_uncalibrated(self):
+        if self._warned_uncalibrated or _exporting() or _in_reentrant_checkpoint_forward():
+            return
+        self._warned_uncalibrated = True
+        why = "eval mode" if not self.training else "autograd disabled (no_grad/inference_mode)"
+        warnings.warn(
+            f"{type(self).__name__}: forward on an uncalibrated layer in {why}: its input passes through "
+            "unquantized and no calibration statistics are collected (the state rule). Calibrate with "
+            "amct_pytorch.calibrate(model, batches), inside `with amct_pytorch.calibrating():`, or by "
+            "training forwards (train mode, grad enabled). Warned once per module.",
+            CalibrationSkippedWarning, stacklevel=6)
 
     def _cached_weight(self):
         """(scale, ŵ) for a forward that does not update state, reused while neither the weight
@@ -218,8 +385,9 @@ class QATModuleMixin:
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32:
-            raise TypeError(f"input: expected dtype torch.float32, got {x.dtype}")
+        if x.dtype != torch.float32 and x.dtype not in _LOW_PRECISION:
+            raise TypeError(f"input: expected dtype torch.float32 (or bfloat16/float16, computed in float32), "
+                            f"got {x.dtype}")
         if self.weight.dtype != torch.float32 or self.acts_clip_max.dtype != torch.float32:
             raise TypeError(
                 f"module: {name} supports only torch.float32 parameters, but it holds {self.weight.dtype} "
@@ -232,11 +400,16 @@ class QATModuleMixin:
             raise ValueError(f"input: on {x.device}, but the module lives on {self.weight.device}")
         if _exporting():
             return
+        # calibrating (and pass-through) forwards always check: statistics can never be poisoned;
+        # after calibration only in strict mode (a host sync per call), else NaN/inf propagate as in nn.Linear
+        if self._calibrated and not _STRICT:
+            return
+        x = x.detach()
         # one cheap reduction; only when it is not finite do we look element by element
-        if not torch.isfinite(x.detach().sum()) and not torch.isfinite(x.detach()).all():
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
             raise ValueError(f"input: contains NaN or infinite values; {name} needs finite inputs")
         if not self._calibrated:
-            self._check_passthrough_range(x)
+            self._check_passthrough_range(x.float())
 
     def _check_passthrough_range(self, x):
         """Calibration calls feed x unquantized to the float op: refuse inputs that would overflow it."""
@@ -321,12 +494,13 @@ class QATModuleMixin:
             zero_max, zero_min = ifmr_exact(torch.zeros(1, device=clip_max.device), data.num_bits)
             clip_max = zero_max if data.clip_max is None else clip_max
             clip_min = zero_min if data.clip_min is None else clip_min
+        # write_param: also into this rank's FSDP2 shard (a write to the unsharded parameter alone is lost)
         if data.clip_max is None:
-            self.acts_clip_max.copy_(clip_max)
+            write_param(self, "acts_clip_max", clip_max.reshape(1))
         if data.fixed_min:
-            self.acts_clip_min.zero_()
+            write_param(self, "acts_clip_min", torch.zeros_like(self.acts_clip_min))
         elif data.clip_min is None:
-            self.acts_clip_min.copy_(clip_min)
+            write_param(self, "acts_clip_min", clip_min.reshape(1))
         if data.ifmr_search == "histogram":
             self.calib_hist.zero_()
         self.calib_done.fill_(True)
@@ -348,13 +522,14 @@ class QATModuleMixin:
     def _weight_scale(self, update: bool) -> torch.Tensor:
         wcfg = self.config.retrain_weight_config
         if wcfg.learnable_scale:
-            if not bool(self.wts_scale_ready):
+            if not self._wts_ready:
                 init = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
                 if not update:
                     return init
                 with torch.no_grad():
-                    self.wts_scales.copy_(init)
+                    write_param(self, "wts_scales", init)
                     self.wts_scale_ready.fill_(True)
+                self._wts_ready = True
             return ulq_weight_scale(self.wts_scales)
         scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
         if update:
@@ -364,7 +539,7 @@ class QATModuleMixin:
     def weight_qparams(self) -> torch.Tensor:
         """The weight scale the next forward would use (no state change)."""
         wcfg = self.config.retrain_weight_config
-        if wcfg.learnable_scale and bool(self.wts_scale_ready):
+        if wcfg.learnable_scale and self._wts_ready:
             return ulq_weight_scale(self.wts_scales.detach())
         return arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
 
@@ -383,6 +558,10 @@ class QATModuleMixin:
                                   f"{tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__}")
             else:  # its length varies with the calibration progress
                 self.calib_samples = self.calib_samples.new_zeros(saved.shape)
+        for name in ("acts_clip_max", "acts_clip_min"):  # 0-d in checkpoints before FSDP2 support
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, torch.Tensor) and saved.dim() == 0:
+                state_dict[prefix + name] = saved.reshape(1)
         key = prefix + "calib_hist"
         saved = state_dict.get(key)
         if hasattr(self, "calib_hist") and isinstance(saved, torch.Tensor) and saved.shape == (2 * HIST_BINS,):
@@ -391,6 +570,8 @@ class QATModuleMixin:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._calibrated = bool(self.calib_done)
+        self._wts_ready = bool(self.wts_scale_ready) if hasattr(self, "wts_scale_ready") else False
+        self._finished_in_forward = False
 
     def _quant_repr(self) -> str:
         data, wcfg = self.config.retrain_data_config, self.config.retrain_weight_config
