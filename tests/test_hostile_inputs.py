@@ -7,6 +7,7 @@ import torch
 
 from amct_pytorch import LinearQAT, calibrating, strict_inputs
 from amct_pytorch.functional import EPS
+from float_bounds import assert_within, sum_tolerance
 from state_helpers import _assert_unchanged, _snapshot
 
 F32_MAX = torch.finfo(torch.float32).max
@@ -262,7 +263,13 @@ def test_ulq_act_grads_eager_and_plain_agree_near_float32_limits(value):
     plain_g = g.clone()
     pmax, pmin = ulq_act_grads_plain(x, plain_g, scale, offset, clip_max, clip_min, *int_range(8))
     assert torch.isfinite(gmax) and torch.isfinite(gmin) and gx[1, 3] == 0
-    torch.testing.assert_close((pmax, pmin, plain_g), (gmax, gmin, gx), rtol=1e-5, atol=1e-6)
+    assert torch.equal(plain_g, gx)  # elementwise: the same bits
+    # the bound gradients: the same terms g * (e + clipped) summed in another order
+    qmin, qmax = int_range(8)
+    clipped = (x > scale * (qmax - offset)) | (x < scale * (qmin - offset))
+    terms = g * (0.5 / (qmax - qmin) + clipped.float())  # |e| <= 1 / (2L)
+    for plain, eager in ((pmax, gmax), (pmin, gmin)):
+        assert_within(plain, eager, sum_tolerance(terms, extra_roundings=4), "bound gradient")
 
 
 @pytest.mark.parametrize("key, value, error, match", [
