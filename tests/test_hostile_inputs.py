@@ -158,7 +158,7 @@ def test_hist_update_growth_beyond_the_bin_count_merges_everything_into_the_firs
                                           ("histogram", "hist_update")])
 def test_an_error_inside_a_calibration_step_changes_nothing(monkeypatch, search, step):
     """Statistics are computed first and stored last: whatever fails midway leaves no trace."""
-    import amct_pytorch.nn.module.quantization.linear as linear
+    import amct_pytorch.nn.module.quantization.base as linear
 
     def broken(*args, **kwargs):
         raise RuntimeError("broken step")

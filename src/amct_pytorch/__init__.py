@@ -1,14 +1,20 @@
-"""amct_pytorch: quantization-aware training with AMCT's LinearQAT API, on any PyTorch device."""
+"""amct_pytorch: quantization-aware training with AMCT's single-operator QAT API (LinearQAT and the
+conv family), on any PyTorch device."""
 from .config import DataQuantConfig, QATConfig, WeightQuantConfig, parse_config
-from .nn.module.quantization.linear import LinearQAT, calibrating
-from .export import DeployedLinear, ExportResult, deploy_view, export_onnx
+from .nn.module.quantization.base import QATModuleMixin, calibrating
+from .nn.module.quantization.linear import LinearQAT
+from .nn.module.quantization.conv import (Conv1dQAT, Conv2dQAT, Conv3dQAT, ConvTranspose1dQAT, ConvTranspose2dQAT,
+                                          ConvTranspose3dQAT)
+from .export import DeployedLayer, DeployedLinear, ExportResult, deploy_view, export_onnx
 from .quant_record import load_quant_record, save_quant_record
-from .convert import (ConversionSummary, calibrate, disable_quantization, enable_quantization,
+from .convert import (QAT_CLASSES, ConversionSummary, calibrate, disable_quantization, enable_quantization,
                       freeze_calibration, qat_layers, to_float, to_qat, unfreeze_calibration)
 from .outliers import ChannelSplit, split_outlier_channels
 from .batchnorm import BatchNormFolding, fold_batchnorm
 
-__all__ = ["LinearQAT", "calibrating", "parse_config", "QATConfig", "DataQuantConfig", "WeightQuantConfig",
+__all__ = ["LinearQAT", "Conv1dQAT", "Conv2dQAT", "Conv3dQAT", "ConvTranspose1dQAT", "ConvTranspose2dQAT",
+           "ConvTranspose3dQAT", "QATModuleMixin", "QAT_CLASSES", "DeployedLayer", "calibrating", "parse_config",
+           "QATConfig", "DataQuantConfig", "WeightQuantConfig",
            "export_onnx", "ExportResult", "deploy_view", "DeployedLinear", "save_quant_record", "load_quant_record",
            "to_qat", "to_float", "ConversionSummary", "calibrate", "qat_layers", "freeze_calibration",
            "unfreeze_calibration", "disable_quantization", "enable_quantization",

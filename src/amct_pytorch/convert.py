@@ -1,14 +1,15 @@
-"""Model-wide conversion: swap every nn.Linear of a model for LinearQAT and back.
+"""Model-wide conversion: swap every nn.Linear / conv of a model for its QAT module and back.
 
 Selecting layers (for `overrides` and `skip`), a key is one of
 - a str: an `fnmatch` shell-style pattern matched case-sensitively against the whole
   qualified module name (`"encoder.layer.*.intermediate.dense"`, `"*.query"`);
 - a compiled `re.Pattern`: matched with `fullmatch` against the qualified name;
 - an nn.Module object: exactly that layer (wherever it is registered).
-Every key must select at least one convertible nn.Linear of the model, else ValueError:
+Every key must select at least one convertible layer of the model, else ValueError:
 a typo must not silently leave a layer at the global config.
 
-Only exact `torch.nn.Linear` instances are converted. Subclasses (e.g. the
+Only exact instances of the float classes in `QAT_CLASSES` (nn.Linear, nn.Conv1d/2d/3d,
+nn.ConvTranspose1d/2d/3d) are converted. Subclasses (e.g. the
 `NonDynamicallyQuantizableLinear` inside nn.MultiheadAttention, whose weight is read
 directly by the attention kernel) are left alone and listed in the summary.
 """
@@ -24,7 +25,17 @@ import torch
 import torch.nn as nn
 
 from .config import QATConfig, parse_config
-from .nn.module.quantization.linear import LinearQAT, calibrating
+from .nn.module.quantization.base import QATModuleMixin, calibrating
+from .nn.module.quantization.conv import (Conv1dQAT, Conv2dQAT, Conv3dQAT, ConvTranspose1dQAT, ConvTranspose2dQAT,
+                                          ConvTranspose3dQAT)
+from .nn.module.quantization.linear import LinearQAT
+
+# float layer class -> its QAT module
+QAT_CLASSES: dict[type, type] = {
+    nn.Linear: LinearQAT, nn.Conv1d: Conv1dQAT, nn.Conv2d: Conv2dQAT, nn.Conv3d: Conv3dQAT,
+    nn.ConvTranspose1d: ConvTranspose1dQAT, nn.ConvTranspose2d: ConvTranspose2dQAT,
+    nn.ConvTranspose3d: ConvTranspose3dQAT,
+}
 
 @dataclass
 class ConversionSummary:
@@ -35,7 +46,7 @@ class ConversionSummary:
     overridden: dict[str, str] = field(default_factory=dict)  # name -> the override key that won
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} nn.Linear layer(s) to LinearQAT"
+        lines = [f"converted {len(self.converted)} layer(s) to QAT modules"
                  f" ({len(self.overridden)} with a per-layer override)"]
         for name, cfg in self.converted.items():
             w, d = cfg.retrain_weight_config, cfg.retrain_data_config
@@ -74,7 +85,7 @@ def _selector(key, arg: str) -> Callable[[str, nn.Module], bool]:
 
 def _no_match(key, arg: str, names: list[str]) -> ValueError:
     shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-    return ValueError(f"{arg}: {_key_text(key)} matches no convertible nn.Linear layer of the model; "
+    return ValueError(f"{arg}: {_key_text(key)} matches no convertible layer of the model; "
                       f"layer names look like: {shown or '(the model has none)'}")
 
 
@@ -88,14 +99,17 @@ def _linear_sites(model: nn.Module):
 
 
 def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = None,
-           skip: Iterable | None = None) -> ConversionSummary:
-    """Replace, in place, every exact nn.Linear of `model` by `LinearQAT.from_float`.
+           skip: Iterable | None = None, layer_types: Iterable[type] | None = None) -> ConversionSummary:
+    """Replace, in place, every exact nn.Linear and conv of `model` by its QAT module
+    (`LinearQAT.from_float`, `Conv2dQAT.from_float`, ...; see QAT_CLASSES).
 
     config: the global config (None, dict, JSON path or QATConfig) for every layer.
     overrides: {key: config}; a matching layer gets that whole config instead of the
         global one (no merging). A layer-object key beats any pattern; among patterns
         the last matching entry wins.
-    skip: keys of layers to leave as float nn.Linear.
+    skip: keys of layers to leave as float layers.
+    layer_types: the float classes to convert (default: every key of QAT_CLASSES), e.g.
+        (nn.Linear,) to leave convolutions float.
     Everything is validated before the model is touched. Weights and biases are shared
     with the original layers (the same Parameter objects), so an optimizer built before
     conversion still sees them. A layer registered under several names is converted
@@ -113,6 +127,16 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
     if isinstance(skip, (str, re.Pattern, nn.Module)) or not isinstance(skip, Iterable):
         raise TypeError(f"skip: expected a list of patterns or layers, got {skip!r} ({type(skip).__name__})")
     skip = list(skip)
+    if layer_types is None:
+        layer_types = tuple(QAT_CLASSES)
+    else:
+        if isinstance(layer_types, type) or not isinstance(layer_types, Iterable):
+            raise TypeError(f"layer_types: expected a list of float layer classes, got {layer_types!r}")
+        layer_types = tuple(layer_types)
+        bad = [t for t in layer_types if t not in QAT_CLASSES]
+        if bad or not layer_types:
+            raise ValueError(f"layer_types: {bad or layer_types!r} not supported; allowed: "
+                             f"{', '.join('nn.' + t.__name__ for t in QAT_CLASSES)}")
 
     rules = []  # (key, selector, config, is_layer_object)
     for key, cfg in overrides.items():
@@ -131,12 +155,13 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
     summary = ConversionSummary()
     linear_names = []  # convertible candidates, each once
     for _, _, name, mod in sites:
-        if first_name[id(mod)] != name or not isinstance(mod, nn.Linear):
+        if first_name[id(mod)] != name or not isinstance(mod, layer_types):
             continue
-        if isinstance(mod, LinearQAT):
-            summary.skipped[name] = "already a LinearQAT"
-        elif type(mod) is not nn.Linear:
-            summary.skipped[name] = f"subclass {type(mod).__name__} of nn.Linear is not converted"
+        if isinstance(mod, QATModuleMixin):
+            summary.skipped[name] = f"already a {type(mod).__name__}"
+        elif type(mod) not in layer_types:
+            base = next(t for t in layer_types if isinstance(mod, t))
+            summary.skipped[name] = f"subclass {type(mod).__name__} of nn.{base.__name__} is not converted"
         else:
             linear_names.append((name, mod))
 
@@ -169,7 +194,7 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
     for _, _, name, mod in sites:
         if id(mod) in plan and id(mod) not in built:
             _, cfg, _ = plan[id(mod)]
-            built[id(mod)] = LinearQAT.from_float(mod, config=cfg)
+            built[id(mod)] = QAT_CLASSES[type(mod)].from_float(mod, config=cfg)
     for parent, attr, _, mod in sites:
         if id(mod) in built:
             setattr(parent, attr, built[id(mod)])
@@ -181,11 +206,12 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
 
 
 def to_float(model: nn.Module) -> list[str]:
-    """Replace, in place, every LinearQAT of `model` by a plain nn.Linear with its float
-    master weights (shared Parameters). Returns the qualified names restored."""
+    """Replace, in place, every QAT module of `model` by its plain float layer (nn.Linear,
+    nn.Conv2d, ...) with its float master weights (shared Parameters). Returns the
+    qualified names restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    sites = [s for s in _linear_sites(model) if isinstance(s[3], LinearQAT)]
+    sites = [s for s in _linear_sites(model) if isinstance(s[3], QATModuleMixin)]
     restored, done = [], {}
     for parent, attr, name, mod in sites:
         if id(mod) not in done:
@@ -195,17 +221,18 @@ def to_float(model: nn.Module) -> list[str]:
     return restored
 
 
-def qat_layers(model: nn.Module) -> dict[str, LinearQAT]:
-    """{qualified name: LinearQAT} of the model, each layer once."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LinearQAT)}
+def qat_layers(model: nn.Module) -> dict[str, QATModuleMixin]:
+    """{qualified name: QAT module} of the model, each layer once."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QATModuleMixin)}
 
 
-def _require_layers(model: nn.Module, what: str) -> dict[str, LinearQAT]:
+def _require_layers(model: nn.Module, what: str) -> dict[str, QATModuleMixin]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     layers = qat_layers(model)
     if not layers:
-        raise ValueError(f"{what}: the model has no LinearQAT layer; convert it with to_qat first")
+        raise ValueError(f"{what}: the model has no QAT layer (LinearQAT, Conv2dQAT, ...); convert it with "
+                         "to_qat first")
     return layers
 
 
@@ -230,7 +257,7 @@ def unfreeze_calibration(model: nn.Module) -> int:
     return len(layers)
 
 
-def _range_params(m: LinearQAT):
+def _range_params(m: QATModuleMixin):
     params = [m.acts_clip_max, m.acts_clip_min]
     if isinstance(m.wts_scales, nn.Parameter):
         params.append(m.wts_scales)
@@ -238,7 +265,7 @@ def _range_params(m: LinearQAT):
 
 
 def disable_quantization(model: nn.Module) -> int:
-    """Make every LinearQAT compute a plain float linear (retrain_enable=False) while
+    """Make every QAT layer compute its plain float op (retrain_enable=False) while
     keeping all its quantization state; enable_quantization restores exactly the layers
     disabled here. Returns the count of layers switched off."""
     count = 0
@@ -270,7 +297,7 @@ def _call(model, batch):
 
 def calibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = None,
               forward: Callable | None = None, progress: bool = True) -> int:
-    """Calibrate every LinearQAT of `model` in one call (eval mode, no grad, inside
+    """Calibrate every QAT layer of `model` in one call (eval mode, no grad, inside
     `amct_pytorch.calibrating()`), with a tqdm progress bar.
 
     data: an iterable of batches (e.g. a DataLoader); a batch is passed as model(**batch)

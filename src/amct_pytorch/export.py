@@ -1,6 +1,6 @@
-"""Deployment: ONNX QDQ export of models holding LinearQAT, an ORT parity check, integer weights.
+"""Deployment: ONNX QDQ export of models holding QAT modules, an ORT parity check, integer weights.
 
-Under `torch.onnx.export` each LinearQAT becomes
+Under `torch.onnx.export` each LinearQAT (conv: the same with Conv/ConvTranspose) becomes
 
     x -> QuantizeLinear(s_d, o_d) -> DequantizeLinear(s_d, o_d) --\
     W -> QuantizeLinear(s_w, 0)   -> DequantizeLinear(s_w, 0)   ----> Gemm/MatMul(+bias)
@@ -19,15 +19,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .functional import act_qparams, arq_scale, int_range, quantize_weight, ulq_weight_scale
+from .functional import WeightLayout, act_qparams, arq_scale, int_range, quantize_weight, scale_view, ulq_weight_scale
 
 INT4_OPSET = 21  # first ONNX opset with INT4 QuantizeLinear/DequantizeLinear
 
 
 class QParams(NamedTuple):
-    """The quantization factors one LinearQAT uses in eval mode (real tensors)."""
+    """The quantization factors one QAT module uses in eval mode (real tensors)."""
 
     act_scale: torch.Tensor  # 0-d float32
     act_offset: torch.Tensor  # 0-d int32, in [qmin, qmax]
@@ -38,9 +37,20 @@ class QParams(NamedTuple):
 
 
 def _qat_modules(model: nn.Module):
-    from .nn.module.quantization.linear import LinearQAT
+    from .nn.module.quantization.base import QATModuleMixin
 
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LinearQAT) and m.config.retrain_enable]
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, QATModuleMixin) and m.config.retrain_enable]
+
+
+def weight_axis(module) -> int:
+    """The weight dim that holds the output channels in ONNX (DequantizeLinear's axis).
+
+    Linear and conv weights: 0. Transposed conv (in, out/g, *k): 1, which is the output
+    channel only with groups=1; per-channel scales of a grouped transposed conv span two dims
+    (group, dim 1) and fit no single axis, so export refuses them (see check_exportable).
+    """
+    return 1 if getattr(module, "transposed", False) else 0
 
 
 def require_calibrated(module) -> None:
@@ -55,6 +65,11 @@ def require_calibrated(module) -> None:
         )
 
 
+def _per_channel_fits_one_axis(module) -> bool:
+    return not (getattr(module, "transposed", False) and module.groups > 1
+                and module.config.retrain_weight_config.channel_wise)
+
+
 def check_exportable(module) -> None:
     """Raise a clear error when `module` cannot be exported as a faithful QDQ graph."""
     require_calibrated(module)
@@ -63,10 +78,16 @@ def check_exportable(module) -> None:
             f"{_describe(module)}: is in training mode; call model.eval() before export "
             "(the exported graph is the eval-mode forward)."
         )
+    if not _per_channel_fits_one_axis(module):
+        raise RuntimeError(
+            f"{_describe(module)}: per-channel weight scales of a grouped transposed conv (groups={module.groups}) "
+            "span two weight dims (group, dim 1), which no ONNX DequantizeLinear axis expresses. Use "
+            "channel_wise=False for this layer, or groups=1."
+        )
 
 
 def _describe(module) -> str:
-    return f"LinearQAT(in_features={module.in_features}, out_features={module.out_features})"
+    return module._describe()
 
 
 @torch.no_grad()
@@ -115,8 +136,10 @@ def _graph_qparams(module) -> QParams:
     # detached: torch's fake-quant ops refuse a scale that requires grad
     a_scale, a_offset = act_qparams(module.acts_clip_max.detach(), module.acts_clip_min.detach(), data.num_bits)
     # a 1-row view keeps the per-tensor reduction on an explicit dim (torchlib needs one)
-    w = module.weight if wcfg.channel_wise else module.weight.reshape(1, -1)
-    w_scale = arq_scale(w, wcfg.num_bits, channel_wise=True)
+    if wcfg.channel_wise:
+        w_scale = arq_scale(module.weight, wcfg.num_bits, True, module._weight_layout())
+    else:
+        w_scale = arq_scale(module.weight.reshape(1, -1), wcfg.num_bits, channel_wise=True)
     if wcfg.learnable_scale:
         w_scale = torch.where(module.wts_scale_ready, ulq_weight_scale(module.wts_scales.detach()), w_scale)
     return QParams(a_scale.reshape(()), a_offset.reshape(()).to(torch.int32), w_scale.reshape(-1),
@@ -131,17 +154,19 @@ def _as_constants(q: QParams) -> QParams:
                       weight_scale=const(q.weight_scale))
 
 
-def export_forward(module, x: torch.Tensor) -> torch.Tensor:
-    """What LinearQAT.forward becomes under torch.onnx.export: Q/DQ on input and weight, then linear."""
+def export_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """What a QAT module's forward becomes under torch.onnx.export: Q/DQ on input and weight, then
+    the module's float op (linear, conv, transposed conv)."""
     check_exportable(module)
     pinned = _PINNED.get()
     q = pinned.get(id(module)) if pinned is not None else None
+    axis = weight_axis(module)
     if q is not None and not torch.jit.is_tracing():  # export_onnx, dynamo: our op, translated by us
         w_scale = q.weight_scale if q.channel_wise else q.weight_scale.reshape(())
         xq = quant_dequant(x, q.act_scale, [int(q.act_offset)], -1, q.act_bits)
-        wq = quant_dequant(module.weight, w_scale, [0] * q.weight_scale.numel(), 0 if q.channel_wise else -1,
+        wq = quant_dequant(module.weight, w_scale, [0] * q.weight_scale.numel(), axis if q.channel_wise else -1,
                            q.weight_bits)
-        return F.linear(xq, wq, module.bias)
+        return module._float_apply(xq, wq, *args, **kwargs)
     # plain torch.onnx.export: torch's own fake-quant ops, which both exporters map to INT8 Q/DQ
     if 4 in (module.config.retrain_data_config.num_bits, module.config.retrain_weight_config.num_bits):
         raise RuntimeError(
@@ -164,11 +189,11 @@ def export_forward(module, x: torch.Tensor) -> torch.Tensor:
     xq = torch.fake_quantize_per_tensor_affine(x, q.act_scale, q.act_offset, -128, 127)
     if q.channel_wise:
         zeros = torch.zeros_like(q.weight_scale, dtype=torch.int32)
-        wq = torch.fake_quantize_per_channel_affine(module.weight, q.weight_scale, zeros, 0, -128, 127)
+        wq = torch.fake_quantize_per_channel_affine(module.weight, q.weight_scale, zeros, axis, -128, 127)
     else:
         zero = torch.zeros((), dtype=torch.int32, device=x.device)
         wq = torch.fake_quantize_per_tensor_affine(module.weight, q.weight_scale.reshape(()), zero, -128, 127)
-    return F.linear(xq, wq, module.bias)
+    return module._float_apply(xq, wq, *args, **kwargs)
 
 
 # ---- INT4 (and mixed-width) Q/DQ: one custom op with an opset-21 translation --------
@@ -237,7 +262,7 @@ def _flat_outputs(out) -> list[np.ndarray]:
 
 def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, check: bool = True,
                 atol: float = 1e-5, dynamic: bool = True) -> ExportResult:
-    """Export `model` (eval mode, LinearQAT layers calibrated) to ONNX QDQ and check it in ONNX Runtime.
+    """Export `model` (eval mode, QAT layers calibrated) to ONNX QDQ and check it in ONNX Runtime.
 
     The scales and zero points are written as constants computed from the real parameters (the
     values the eval forward uses). With `dynamic`, every input dimension but the last is dynamic.
@@ -319,11 +344,13 @@ def ort_max_abs_diff(model: nn.Module, inputs: tuple[torch.Tensor, ...], path) -
 
 # ---- deploy view: the integer weights --------------------------------------------------
 @dataclass(frozen=True)
-class DeployedLinear:
-    """One LinearQAT as an integer runtime sees it: y = (x_q - act_offset)·act_scale @ (weight·weight_scale)ᵀ + bias.
+class DeployedLayer:
+    """One QAT module as an integer runtime sees it, e.g. for a linear:
+    y = (x_q - act_offset)·act_scale @ (weight·weight_scale)ᵀ + bias (a conv: the same codes in its op).
 
-    `weight` holds the integer codes as int8 (INT4 codes, in [-8, 7], also live in int8); the
-    weight zero point is 0. `weight_scale` has shape (1,) or (out_features,) (one per row).
+    `weight` holds the integer codes as int8 (INT4 codes, in [-8, 7], also live in int8), shaped
+    like the float weight; the weight zero point is 0. `weight_scale` has shape (1,) or
+    (out_channels,); `layout` says how it maps onto the weight (None: rows, dim 0).
     """
 
     weight: torch.Tensor
@@ -333,26 +360,36 @@ class DeployedLinear:
     act_offset: int
     act_bits: int
     bias: torch.Tensor | None
+    layout: WeightLayout | None = None
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight.to(torch.float32) * self.weight_scale.reshape(-1, 1)
+        codes = self.weight.to(torch.float32)
+        if self.weight_scale.numel() == 1:
+            return codes * self.weight_scale.reshape(())
+        view = codes.reshape(self.layout.view) if self.layout is not None else codes.reshape(codes.shape[0], -1)
+        return (view * scale_view(self.weight_scale, self.layout)).reshape(codes.shape)
+
+
+DeployedLinear = DeployedLayer  # the name of the first release
 
 
 @torch.no_grad()
-def deploy_view(model: nn.Module) -> dict[str, DeployedLinear]:
-    """The integer weights and factors of every calibrated LinearQAT in `model`, by module name."""
+def deploy_view(model: nn.Module) -> dict[str, DeployedLayer]:
+    """The integer weights and factors of every calibrated QAT module in `model`, by module name."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     view = {}
     for name, m in _qat_modules(model):
         q = module_qparams(m)
-        view[name] = DeployedLinear(
-            weight=quantize_weight(m.weight.detach(), q.weight_scale, q.weight_bits),
+        layout = m._weight_layout()
+        view[name] = DeployedLayer(
+            weight=quantize_weight(m.weight.detach(), q.weight_scale, q.weight_bits, layout),
             weight_scale=q.weight_scale,
             weight_bits=q.weight_bits,
             act_scale=float(q.act_scale),
             act_offset=int(q.act_offset),
             act_bits=q.act_bits,
             bias=None if m.bias is None else m.bias.detach().clone(),
+            layout=layout,
         )
     return view

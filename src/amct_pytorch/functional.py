@@ -5,6 +5,8 @@ element, no host synchronisation, so the same code runs on CPU and CUDA.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 EPS = 1.1920929e-07
@@ -153,14 +155,42 @@ def ulq_act_grads(x, grad_out, scale, offset, clip_max, clip_min, num_bits, need
     return grad_x, grad_max.reshape(clip_max.shape), grad_min.reshape(clip_min.shape)
 
 
-def arq_scale(weight: torch.Tensor, num_bits: int, channel_wise: bool) -> torch.Tensor:
+class WeightLayout(NamedTuple):
+    """How a module's weight maps onto its output channels (one scale per channel).
+
+    `view`: the shape the weight is reshaped to (always a view, never a copy) so that a
+    per-channel scale reshaped to `scale` broadcasts against it; `reduce`: the dims of `view`
+    that one channel's scale spans. Linear (out, in) and conv (out, in/g, *k) weights have
+    their channels on dim 0; a transposed conv's weight is (in, out/g, *k), its channels are
+    (group, dim 1), so its view is (g, in/g, out/g, prod(k)).
+    """
+
+    view: tuple[int, ...]
+    scale: tuple[int, ...]
+    reduce: tuple[int, ...]
+
+
+def rows_layout(weight_shape) -> WeightLayout:
+    """Channels on dim 0 (Linear, ConvNd): the weight as (out, everything else)."""
+    out = weight_shape[0]
+    return WeightLayout((out, -1), (out, 1), (1,))
+
+
+def _channel_view(weight: torch.Tensor, layout: WeightLayout | None) -> torch.Tensor:
+    return weight if layout is None else weight.reshape(layout.view)
+
+
+def arq_scale(weight: torch.Tensor, num_bits: int, channel_wise: bool, layout: WeightLayout | None = None) -> torch.Tensor:
     """ARQ symmetric weight scale: max|w| / qmax, or / 2^(n-1) when |min w| > |max w|.
 
-    Shape (1,) per tensor, (out,) per output row. An all-zero tensor/row gets scale 1.
+    Shape (1,) per tensor, (channels,) per output channel (rows of a 2-d weight unless
+    `layout` says otherwise). An all-zero tensor/channel gets scale 1.
     """
     _, qmax = int_range(num_bits)
-    if channel_wise:  # two row reductions: several times faster than aminmax(dim=1) on CPU
-        w_min, w_max = weight.detach().amin(dim=1), weight.detach().amax(dim=1)
+    if channel_wise:  # two reductions: several times faster than aminmax(dim=...) on CPU
+        wv = _channel_view(weight.detach(), layout)
+        dims = layout.reduce if layout is not None else 1
+        w_min, w_max = wv.amin(dim=dims).reshape(-1), wv.amax(dim=dims).reshape(-1)
     else:
         w_min, w_max = torch.aminmax(weight.detach())
         w_min, w_max = w_min.reshape(1), w_max.reshape(1)
@@ -178,31 +208,41 @@ def ulq_weight_scale(scale: torch.Tensor) -> torch.Tensor:
     return magnitude + (magnitude.clamp(min=EPS) - magnitude).detach()
 
 
-def _row_scale(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
+def scale_view(scale: torch.Tensor, layout: WeightLayout | None = None) -> torch.Tensor:
+    """The weight scale shaped to broadcast against the channel view of the weight."""
+    if scale.numel() == 1:
+        return scale.reshape(())
+    return scale.reshape(layout.scale) if layout is not None else scale.reshape(-1, 1)
 
 
-def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """ŵ = clamp(round(w/scale), qmin, qmax) * scale (symmetric, per tensor or per row)."""
+def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int,
+                      layout: WeightLayout | None = None) -> torch.Tensor:
+    """ŵ = clamp(round(w/scale), qmin, qmax) * scale (symmetric, per tensor or per channel)."""
     qmin, qmax = int_range(num_bits)
-    s = _row_scale(scale, weight)
+    s = scale_view(scale, layout)
+    wv = _channel_view(weight, layout) if scale.numel() > 1 else weight
     if torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad):
-        return fake_quant_weight_plain(weight, s, qmin, qmax)
-    return torch.div(weight, s).round_().clamp_(qmin, qmax).mul_(s)
+        out = fake_quant_weight_plain(wv, s, qmin, qmax)
+    else:
+        out = torch.div(wv, s).round_().clamp_(qmin, qmax).mul_(s)
+    return out.reshape(weight.shape)
 
 
 def fake_quant_weight_plain(weight, row_scale, qmin: int, qmax: int):
-    """fake_quant_weight as plain ops, with the scale already shaped for rows."""
+    """fake_quant_weight as plain ops, with the scale already shaped for the weight (view)."""
     return torch.round(weight / row_scale).clamp(qmin, qmax) * row_scale
 
 
-def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """Integer weight codes as int8 (INT4 codes live in an int8 container)."""
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int,
+                    layout: WeightLayout | None = None) -> torch.Tensor:
+    """Integer weight codes as int8 (INT4 codes live in an int8 container), shaped like `weight`."""
     qmin, qmax = int_range(num_bits)
-    return torch.round(weight / _row_scale(scale, weight)).clamp_(qmin, qmax).to(torch.int8)
+    wv = _channel_view(weight, layout) if scale.numel() > 1 else weight
+    codes = torch.round(wv / scale_view(scale, layout)).clamp_(qmin, qmax).to(torch.int8)
+    return codes.reshape(weight.shape)
 
 
-def lsq_scale_grad(weight, grad_wq, scale, num_bits):
+def lsq_scale_grad(weight, grad_wq, scale, num_bits, layout: WeightLayout | None = None):
     """LSQ-style gradient of ŵ w.r.t. the learnable weight scale.
 
     d ŵ/ds = round(v) - v inside the range, qmin/qmax outside; scaled by
@@ -212,14 +252,17 @@ def lsq_scale_grad(weight, grad_wq, scale, num_bits):
     when the negative side dominates, and masking it would stall those weights.
     """
     qmin, qmax = int_range(num_bits)
-    s = _row_scale(scale, weight)
-    v = weight / s
+    per_channel = scale.numel() > 1
+    wv = _channel_view(weight, layout) if per_channel else weight
+    gv = _channel_view(grad_wq, layout) if per_channel else grad_wq
+    v = wv / scale_view(scale, layout)
     inside = (v >= qmin) & (v <= qmax)
     dv = torch.where(inside, torch.round(v) - v, v.clamp(qmin, qmax))
     per_scale = weight.numel() // scale.numel()
     factor = 1.0 / (per_scale * qmax) ** 0.5
-    if scale.numel() > 1:
-        grad_s = (grad_wq * dv).sum(dim=1) * factor
+    if per_channel:
+        dims = layout.reduce if layout is not None else 1
+        grad_s = (gv * dv).sum(dim=dims).reshape(-1) * factor
     else:
-        grad_s = (grad_wq * dv).sum().reshape(scale.shape) * factor
+        grad_s = (gv * dv).sum().reshape(scale.shape) * factor
     return grad_s

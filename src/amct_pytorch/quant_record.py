@@ -1,4 +1,4 @@
-"""Quant-factor record: every LinearQAT's scales, offsets, bit widths and clip bounds as JSON.
+"""Quant-factor record: every QAT module's scales, offsets, bit widths and clip bounds as JSON.
 
 Floats are written with Python's shortest round-trip repr of the float32 value, so a record
 read back gives the same float32 bits. Schema: README, "Export and deploy".
@@ -17,15 +17,23 @@ from .functional import act_qparams, int_range
 
 RECORD_FORMAT = "amct-qat quant record"
 RECORD_VERSION = 1
-_LAYER_KEYS = ("in_features", "out_features", "act_bits", "weight_bits", "channel_wise",
-               "weights_retrain_algo", "clip_max_d", "clip_min_d", "scale_d", "offset_d", "scale_w", "offset_w")
+_QUANT_KEYS = ("act_bits", "weight_bits", "channel_wise", "weights_retrain_algo", "clip_max_d", "clip_min_d",
+               "scale_d", "offset_d", "scale_w", "offset_w")
+
+
+def _shape_record(m) -> dict:
+    """The layer's identity: in/out features for a linear (the first release's keys), and for a
+    conv its class, channels, kernel size and groups."""
+    if hasattr(m, "in_features"):
+        return {"in_features": m.in_features, "out_features": m.out_features}
+    return {"layer_type": type(m).__name__, "in_channels": m.in_channels, "out_channels": m.out_channels,
+            "kernel_size": list(m.kernel_size), "groups": m.groups}
 
 
 def _layer_record(m) -> dict:
     q = module_qparams(m)
     return {
-        "in_features": m.in_features,
-        "out_features": m.out_features,
+        **_shape_record(m),
         "act_bits": q.act_bits,
         "weight_bits": q.weight_bits,
         "channel_wise": q.channel_wise,
@@ -40,14 +48,15 @@ def _layer_record(m) -> dict:
 
 
 def save_quant_record(model: nn.Module, path) -> dict:
-    """Write the record of every calibrated LinearQAT in `model` to `path` (JSON); returns it."""
+    """Write the record of every calibrated QAT module in `model` to `path` (JSON); returns it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
     layers = _qat_modules(model)
     if not layers:
-        raise ValueError("model: holds no LinearQAT with retrain_enable=True, so there is nothing to record")
+        raise ValueError("model: holds no QAT module (LinearQAT, Conv2dQAT, ...) with retrain_enable=True, so "
+                         "there is nothing to record")
     record = {"format": RECORD_FORMAT, "version": RECORD_VERSION,
               "layers": {name: _layer_record(m) for name, m in layers}}
     with open(path, "w", encoding="utf-8") as f:
@@ -89,12 +98,14 @@ def _check_layer(name, m, rec) -> dict:
     where = f"quant record layer {name!r}"
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected an object, got {type(rec).__name__}")
-    missing = [k for k in _LAYER_KEYS if k not in rec]
-    unknown = [k for k in rec if k not in _LAYER_KEYS]
+    shape = _shape_record(m)
+    keys = (*shape, *_QUANT_KEYS)
+    missing = [k for k in keys if k not in rec]
+    unknown = [k for k in rec if k not in keys]
     if missing or unknown:
-        raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}; expected keys {list(_LAYER_KEYS)}")
+        raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}; expected keys {list(keys)}")
     data, wcfg = m.config.retrain_data_config, m.config.retrain_weight_config
-    expected = {"in_features": m.in_features, "out_features": m.out_features, "act_bits": data.num_bits,
+    expected = {**shape, "act_bits": data.num_bits,
                 "weight_bits": wcfg.num_bits, "channel_wise": wcfg.channel_wise,
                 "weights_retrain_algo": wcfg.weights_retrain_algo}
     for key, want in expected.items():
@@ -109,7 +120,7 @@ def _check_layer(name, m, rec) -> dict:
     if got != (float(scale_d), int(offset_d)):
         raise ValueError(f"{where}: scale_d={got[0]!r}, offset_d={got[1]!r} do not follow from clip_max_d/clip_min_d "
                          f"(expected {float(scale_d)!r}, {int(offset_d)!r})")
-    n_scales = m.out_features if wcfg.channel_wise else 1
+    n_scales = m._out_channels if wcfg.channel_wise else 1
     scale_w, offset_w = rec["scale_w"], rec["offset_w"]
     for key, values in (("scale_w", scale_w), ("offset_w", offset_w)):
         if not isinstance(values, list) or len(values) != n_scales:
@@ -133,7 +144,7 @@ def _check_layer(name, m, rec) -> dict:
 
 
 def load_quant_record(model: nn.Module, path) -> None:
-    """Load a record written by `save_quant_record` into `model`'s LinearQAT layers.
+    """Load a record written by `save_quant_record` into `model`'s QAT layers.
 
     The layer names, shapes, bit widths and weight algorithm must match; the clip bounds, the
     scale/offset buffers and (for `ulq_quantize`) the learnable weight scales are set and the
@@ -149,7 +160,7 @@ def load_quant_record(model: nn.Module, path) -> None:
     unexpected = sorted(set(record["layers"]) - set(layers))
     if missing or unexpected:
         raise ValueError(
-            f"quant record {os.fspath(path)!r} does not match the model's LinearQAT layers: missing from the "
+            f"quant record {os.fspath(path)!r} does not match the model's QAT layers: missing from the "
             f"record {missing}, in the record but not in the model {unexpected}"
         )
     states = {name: _check_layer(name, layers[name], rec) for name, rec in record["layers"].items()}

@@ -1,0 +1,404 @@
+"""What every QAT module shares: the activation quantizer (IFMR calibration, then ULQ with
+learnable clip bounds) and the weight quantizer (ARQ, or a learnable ULQ scale).
+
+A module type (LinearQAT, Conv2dQAT, ...) subclasses `QATModuleMixin` and its float layer
+and adds only its float op (`_float_apply`, `_op`), the layout of its weight's output
+channels (`_weight_layout`) and its input-shape check (`_check_input_shape`). State keeps
+AMCT's names on the module itself (`acts_clip_max`, `wts_scales`, ...), so checkpoints of
+any release load.
+
+State rule: a module changes its own state (calibration statistics, clip bounds at the
+end of calibration, stored scales) only in a *state-updating* forward, i.e. training mode
+with autograd enabled, or any forward inside `amct_pytorch.calibrating()`. Eval mode,
+`torch.no_grad()`, ONNX export and tracing never change state.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn as nn
+
+from ....config import QATConfig, parse_config
+from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
+from ....functional import EPS, WeightLayout, act_qparams, arq_scale, fake_quant_weight, ulq_weight_scale
+from ....ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
+from ....qat_function import QuantSpec, WeightCache, qat_apply
+
+_FORCE = threading.local()
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_HIST_LIMIT = 2.0**126  # the histogram spans [-R, R) with R a power of two: 2R must stay finite
+
+
+@contextlib.contextmanager
+def calibrating():
+    """Let every QAT module's forward inside this block update state, even in eval/no_grad."""
+    previous = getattr(_FORCE, "on", False)
+    _FORCE.on = True
+    try:
+        yield
+    finally:
+        _FORCE.on = previous
+
+
+def _exporting() -> bool:
+    # torch.compiler.is_exporting covers torch.export (the dynamo ONNX exporter's first step);
+    # is_compiling is left out on purpose: a torch.compile'd training step must still update state
+    return (torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.jit.is_scripting())
+
+
+def positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def check_dtype(dtype, what="dtype"):
+    if dtype is not None and dtype != torch.float32:
+        raise TypeError(f"{what}: only torch.float32 parameters are supported, got {dtype}")
+
+
+def check_device(device):
+    try:
+        return torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {device!r} is not a valid torch device ({err})") from None
+
+
+class QATModuleMixin:
+    """The shared quantization machinery; put it before the float layer class in the bases."""
+
+    _version = 1
+    _FLOAT: type[nn.Module]  # the float layer this module replaces (nn.Linear, nn.Conv2d, ...)
+    config: QATConfig
+
+    # ---- what a module type provides -------------------------------------------------
+    @property
+    def _out_channels(self) -> int:
+        raise NotImplementedError
+
+    def _weight_layout(self) -> WeightLayout:
+        """How the weight maps onto output channels (see functional.WeightLayout)."""
+        raise NotImplementedError
+
+    def _check_input_shape(self, x) -> None:
+        raise NotImplementedError
+
+    def _float_apply(self, x, weight):
+        """The float layer's computation on (x, weight) with this module's bias and settings."""
+        raise NotImplementedError
+
+    def _qat_call(self, x, w_scale, spec, wq, act_grid):
+        """qat_apply with this module's float op (and any input preparation it needs)."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}({self._FLOAT.extra_repr(self)})"
+
+    # ---- construction -------------------------------------------------------------
+    def _build_quant_state(self, device):
+        data, wcfg = self.config.retrain_data_config, self.config.retrain_weight_config
+        f32 = dict(device=device, dtype=torch.float32)
+        self.acts_clip_max = nn.Parameter(torch.tensor(data.clip_max or 0.0, **f32))
+        self.acts_clip_min = nn.Parameter(torch.tensor(data.clip_min or 0.0, **f32), requires_grad=not data.fixed_min)
+        self.register_buffer("acts_scale", torch.ones(1, **f32))
+        self.register_buffer("acts_offset", torch.zeros(1, device=device, dtype=torch.int8))
+        n_scales = self._out_channels if wcfg.channel_wise else 1
+        if wcfg.learnable_scale:
+            self.wts_scales = nn.Parameter(torch.ones(n_scales, **f32))
+            self.register_buffer("wts_scale_ready", torch.tensor(False, device=device))
+        else:
+            self.register_buffer("wts_scales", torch.ones(n_scales, **f32))
+        self.register_buffer("wts_offsets", torch.zeros(n_scales, device=device, dtype=torch.int8))
+        needs_calib = data.needs_calibration
+        self.register_buffer("calib_done", torch.tensor(not needs_calib, device=device))
+        self.register_buffer("calib_batches", torch.tensor(0, device=device, dtype=torch.int64))
+        if data.ifmr_search == "histogram":
+            self.register_buffer("calib_hist", empty_histogram(device))
+            self.register_buffer("calib_range", torch.zeros((), **f32))
+            self.register_buffer("calib_minmax", torch.zeros(2, **f32))
+        else:  # exact search: the values of the calibration batches before the last one
+            self.register_buffer("calib_samples", torch.zeros(0, **f32))
+        self._calibrated = not needs_calib  # host mirror of calib_done: no device sync per call
+        self._wq_cache = None
+
+    @classmethod
+    def _check_float(cls, mod):
+        if not isinstance(mod, cls._FLOAT) or isinstance(mod, QATModuleMixin):
+            raise TypeError(f"from_float: expected a torch.nn.{cls._FLOAT.__name__} that is not already a "
+                            f"{cls.__name__}, got {type(mod).__name__}")
+        check_dtype(mod.weight.dtype, "from_float: mod.weight.dtype")
+
+    def _adopt(self, mod):
+        """Share `mod`'s weight and bias Parameters, then build the quantization state next to them."""
+        self.weight = mod.weight
+        self.bias = mod.bias
+        self._build_quant_state(mod.weight.device)
+        self.train(mod.training)
+        return self
+
+    # ---- forward --------------------------------------------------------------------
+    def forward(self, x, *args, **kwargs):
+        if not self.config.retrain_enable:
+            return self._FLOAT.forward(self, x, *args, **kwargs)
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            return self._forward_for_export(x, *args, **kwargs)
+        self._check_input(x)
+        update = self.updates_state()
+        quant_act = self._calibrated
+        if not quant_act and update:
+            self._observe(x)
+        if update:
+            self._wq_cache = None
+            w_scale, wq = self._weight_scale(True), None
+        else:
+            w_scale, wq = self._cached_weight()
+        abits = self.config.retrain_data_config.num_bits
+        act_grid = None
+        if quant_act:  # the grid is computed once and shared with the autograd function
+            act_grid = self.act_qparams()
+            if update:
+                self.acts_scale.copy_(act_grid[0].reshape(1))
+                self.acts_offset.copy_(act_grid[1].reshape(1))
+        spec = QuantSpec(abits if quant_act else None, self.config.retrain_weight_config.num_bits,
+                         self.config.retrain_weight_config.learnable_scale)
+        return self._qat_call(x, w_scale, spec, wq, act_grid, *args, **kwargs)
+
+    def _cached_weight(self):
+        """(scale, ŵ) for a forward that does not update state, reused while neither the weight
+        nor the stored scale changed (see WeightCache; never part of state_dict)."""
+        sources = (self.weight,)
+        if self.config.retrain_weight_config.learnable_scale:
+            sources += (self.wts_scales, self.wts_scale_ready)
+        if self._wq_cache is None:
+            self._wq_cache = WeightCache()
+        hit = self._wq_cache.lookup(sources)
+        if hit is not None:
+            if self.config.retrain_weight_config.learnable_scale:  # |s| anew: its autograd node dies with a backward
+                return self._weight_scale(False), hit[1]
+            return hit
+        w_scale = self._weight_scale(False)
+        with torch.no_grad():
+            wq = fake_quant_weight(self.weight, w_scale, self.config.retrain_weight_config.num_bits,
+                                   self._weight_layout())
+        self._wq_cache.store(sources, w_scale, wq)
+        return w_scale, wq
+
+    def clear_weight_cache(self):
+        """Drop the cached ŵ of non-updating forwards (needed only after an edit through `.data`)."""
+        self._wq_cache = None
+
+    def _forward_for_export(self, x, *args, **kwargs):
+        """ONNX export: QuantizeLinear/DequantizeLinear on input and weight (see amct_pytorch.export)."""
+        from ....export import export_forward
+
+        self._check_input(x)
+        return export_forward(self, x, *args, **kwargs)
+
+    def updates_state(self) -> bool:
+        """Whether a forward call now may change this module's state (see module doc)."""
+        if _exporting():
+            return False
+        return getattr(_FORCE, "on", False) or (self.training and torch.is_grad_enabled())
+
+    def _check_input(self, x):
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"input: expected dtype torch.float32, got {x.dtype}")
+        if self.weight.dtype != torch.float32 or self.acts_clip_max.dtype != torch.float32:
+            raise TypeError(
+                f"module: {name} supports only torch.float32 parameters, but it holds {self.weight.dtype} "
+                "(cast by .double()/.half()/.to(dtype)?); call .float() on it"
+            )
+        self._check_input_shape(x)
+        if x.numel() == 0:
+            raise ValueError(f"input: empty batch of shape {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"input: on {x.device}, but the module lives on {self.weight.device}")
+        if _exporting():
+            return
+        # one cheap reduction; only when it is not finite do we look element by element
+        if not torch.isfinite(x.detach().sum()) and not torch.isfinite(x.detach()).all():
+            raise ValueError(f"input: contains NaN or infinite values; {name} needs finite inputs")
+        if not self._calibrated:
+            self._check_passthrough_range(x)
+
+    def _check_passthrough_range(self, x):
+        """Calibration calls feed x unquantized to the float op: refuse inputs that would overflow it."""
+        layout = self._weight_layout()
+        with torch.no_grad():
+            lo, hi = torch.aminmax(x)
+            amax = torch.maximum(-lo, hi).double()
+            wq = fake_quant_weight(self.weight, self.weight_qparams(), self.config.retrain_weight_config.num_bits,
+                                   layout)
+            # every output sums at most one channel's weights times inputs: bound by the largest
+            # channel's sum of |w_q| (for a transposed conv, a subset of its kernel's terms)
+            bound = amax * wq.reshape(layout.view).double().abs().sum(dim=layout.reduce).amax()
+            if self.bias is not None:
+                bound = bound + self.bias.double().abs().amax()
+            # float32 accumulation may overshoot the exact sum by about (terms per output) ulps
+            terms = self.weight.numel() // self._out_channels
+            bound = float(bound) * (1 + terms * 2.0**-23)
+            if bound > _FLOAT32_MAX:
+                raise ValueError(
+                    f"input: values up to |x| = {float(amax):.3g} would overflow float32 in this layer's output "
+                    f"during calibration (max|x| * max channel sum |w_q| + max|b| = {bound:.3g} > "
+                    f"{_FLOAT32_MAX:.3g}); rescale the input"
+                )
+
+    # ---- activation calibration -----------------------------------------------------
+    def _observe(self, x):
+        """One calibration batch: accumulate statistics; IFMR on the batch_num-th call.
+
+        Everything is computed first and stored at the end, so an error changes nothing.
+        Under torch.distributed all ranks contribute to (and store) the same statistics.
+        """
+        data = self.config.retrain_data_config
+        values = x.detach().reshape(-1)
+        last = int(self.calib_batches) + 1 >= data.batch_num
+        with torch.no_grad():
+            if data.ifmr_search == "histogram":
+                hist, hist_range, minmax = self._histogram_step(values)
+                if last:
+                    bounds = ifmr_histogram(hist, hist_range, minmax, data.num_bits)
+            else:
+                samples = torch.cat([self.calib_samples, gather_values(values)])
+                if last:
+                    bounds = ifmr_exact(samples, data.num_bits)
+                    samples = samples.new_zeros(0)
+            if data.ifmr_search == "histogram":
+                self.calib_hist.copy_(hist)
+                self.calib_range.copy_(hist_range)
+                self.calib_minmax.copy_(minmax)
+            else:
+                self.calib_samples = samples
+            self.calib_batches += 1
+            if last:
+                self._finish_calibration(*bounds)
+
+    def _histogram_step(self, values):
+        """(hist, range, minmax) after adding this batch of every rank: histograms are summed, not values sent."""
+        lo, hi = global_min_max(*torch.aminmax(values))
+        need = float(torch.maximum(-lo, hi))
+        if need >= _HIST_LIMIT:
+            raise ValueError(
+                f"input: |x| up to {need:.3g} is beyond the histogram IFMR's range (|x| < 2**126 = "
+                f"{_HIST_LIMIT:.3g}); use retrain_data_config.ifmr_search='exact' or rescale the input"
+            )
+        if int(self.calib_batches) > 0:
+            lo, hi = torch.minimum(lo, self.calib_minmax[0]), torch.maximum(hi, self.calib_minmax[1])
+        # rank 0 carries the histogram so far, the others only their batch; all bin on one range
+        own = self.calib_hist if rank() == 0 else torch.zeros_like(self.calib_hist)
+        hist, hist_range = hist_update(own, self.calib_range, values, cover=need)
+        return sum_over_ranks(hist), hist_range, torch.stack([lo, hi])
+
+    def _finish_calibration(self, clip_max, clip_min):
+        data = self.config.retrain_data_config
+        new_max = clip_max if data.clip_max is None else self.acts_clip_max.detach()
+        if data.fixed_min:
+            new_min = torch.zeros_like(clip_min)
+        else:
+            new_min = clip_min if data.clip_min is None else self.acts_clip_min.detach()
+        step = (new_max.clamp(min=0.0) - new_min.clamp(max=0.0)) / float(2**data.num_bits - 1)
+        if step < EPS:
+            # values too small to resolve (all zero, or |x| ~< 1e-5) count as all-zero data, which
+            # IFMR maps to a unit-size grid; the degenerate fallback (scale 1, offset qmin) is never learned from
+            zero_max, zero_min = ifmr_exact(torch.zeros(1, device=clip_max.device), data.num_bits)
+            clip_max = zero_max if data.clip_max is None else clip_max
+            clip_min = zero_min if data.clip_min is None else clip_min
+        if data.clip_max is None:
+            self.acts_clip_max.copy_(clip_max)
+        if data.fixed_min:
+            self.acts_clip_min.zero_()
+        elif data.clip_min is None:
+            self.acts_clip_min.copy_(clip_min)
+        if data.ifmr_search == "histogram":
+            self.calib_hist.zero_()
+        self.calib_done.fill_(True)
+        self._calibrated = True
+        self._store_act_qparams()
+
+    @torch.no_grad()
+    def _store_act_qparams(self):
+        scale, offset = act_qparams(self.acts_clip_max, self.acts_clip_min, self.config.retrain_data_config.num_bits)
+        self.acts_scale.copy_(scale.reshape(1))
+        self.acts_offset.copy_(offset.reshape(1))
+
+    def act_qparams(self):
+        """(scale, offset) of the activation grid for the current clip bounds (no state change)."""
+        with torch.no_grad():
+            return act_qparams(self.acts_clip_max, self.acts_clip_min, self.config.retrain_data_config.num_bits)
+
+    # ---- weights --------------------------------------------------------------------
+    def _weight_scale(self, update: bool) -> torch.Tensor:
+        wcfg = self.config.retrain_weight_config
+        if wcfg.learnable_scale:
+            if not bool(self.wts_scale_ready):
+                init = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
+                if not update:
+                    return init
+                with torch.no_grad():
+                    self.wts_scales.copy_(init)
+                    self.wts_scale_ready.fill_(True)
+            return ulq_weight_scale(self.wts_scales)
+        scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
+        if update:
+            self.wts_scales.copy_(scale)
+        return scale
+
+    def weight_qparams(self) -> torch.Tensor:
+        """The weight scale the next forward would use (no state change)."""
+        wcfg = self.config.retrain_weight_config
+        if wcfg.learnable_scale and bool(self.wts_scale_ready):
+            return ulq_weight_scale(self.wts_scales.detach())
+        return arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
+
+    # ---- state ----------------------------------------------------------------------
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "calib_samples"
+        if key in state_dict and hasattr(self, "calib_samples"):
+            saved = state_dict[key]
+            if not isinstance(saved, torch.Tensor) or saved.dim() != 1:
+                error_msgs.append(f"{key}: expected a 1-d tensor of calibration values, got "
+                                  f"{tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__}")
+            else:  # its length varies with the calibration progress
+                self.calib_samples = self.calib_samples.new_zeros(saved.shape)
+        key = prefix + "calib_hist"
+        saved = state_dict.get(key)
+        if hasattr(self, "calib_hist") and isinstance(saved, torch.Tensor) and saved.shape == (2 * HIST_BINS,):
+            # counts only (before per-bin sums were kept): torch's load_state_dict hands us its own copy
+            state_dict[key] = histogram_from_counts(saved, state_dict.get(prefix + "calib_range", self.calib_range))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._calibrated = bool(self.calib_done)
+
+    def _quant_repr(self) -> str:
+        data, wcfg = self.config.retrain_data_config, self.config.retrain_weight_config
+        if self._calibrated:
+            status = "calibrated"
+        else:
+            status = f"calibrating {int(self.calib_batches)}/{data.batch_num} batches"
+        act = f"act={data.dst_type} ULQ (IFMR {data.ifmr_search}, batch_num={data.batch_num}"
+        act += ", fixed_min" if data.fixed_min else ""
+        act += f", {status})"
+        wt = f"weight={wcfg.dst_type} {wcfg.weights_retrain_algo} {'per-channel' if wcfg.channel_wise else 'per-tensor'}"
+        rule = ("state updates: only in train mode with grad enabled or inside amct_pytorch.calibrating(); "
+                "never in eval, no_grad or export")
+        return f"{act}, {wt}, {rule}"
+
+    def extra_repr(self) -> str:
+        base = self._FLOAT.extra_repr(self)
+        if not self.config.retrain_enable:
+            return base + ", retrain_enable=False"
+        return f"{base}, {self._quant_repr()}"
