@@ -9,14 +9,14 @@ from .report import _replace_atomically
 def table(report: dict) -> str:
     """The results as a fixed-width text table (RPA in percent, error in cents)."""
     f = report["float"]
-    head = f"{'setting':<8} {'phase':<10} {'RPA %':>7} {'Δ RPA':>7} {'|err| c':>8}  time"
+    head = f"{'setting':<8} {'phase':<12} {'RPA %':>7} {'Δ RPA':>7} {'|err| c':>8}  time"
     lines = [head, "-" * len(head)]
-    lines.append(f"{'float':<8} {'-':<10} {100 * f['rpa']:>7.2f} {0:>+7.2f} {f['cents_error']:>8.1f}  "
+    lines.append(f"{'float':<8} {'-':<12} {100 * f['rpa']:>7.2f} {0:>+7.2f} {f['cents_error']:>8.1f}  "
                  f"{f['eval_time_s']:.1f}s eval")
     for s in report["settings"]:
         t = s["times_s"]
         rows = [("PTQ", s["ptq"], f"{t['calibrate']:.1f}s calib + {t['ptq_eval']:.1f}s eval"),
-                (f"QAT", s["qat"], f"{t['train']:.1f}s train ({s['steps']} steps, BN {s['bn_mode']}) "
+                ("QAT", s["qat"], f"{t['train']:.1f}s train ({s['steps']} steps, BN {s['bn_mode']}) "
                                    f"+ {t['qat_eval']:.1f}s eval")]
         for mode, r in s["bn_modes"].items():
             if mode != s["bn_mode"]:
@@ -26,7 +26,7 @@ def table(report: dict) -> str:
             rows.append(("ONNX RT", {"rpa": o["ort_rpa"], "cents_error": o["ort_cents_error"]},
                          f"max |diff| {o['max_abs_diff']:.1e} vs PyTorch"))
         for phase, m, spent in rows:
-            lines.append(f"{s['name']:<8} {phase:<10} {100 * m['rpa']:>7.2f} {100 * (m['rpa'] - f['rpa']):>+7.2f} "
+            lines.append(f"{s['name']:<8} {phase:<12} {100 * m['rpa']:>7.2f} {100 * (m['rpa'] - f['rpa']):>+7.2f} "
                          f"{m['cents_error']:>8.1f}  {spent}")
     lat = [("float", f["onnx"])] + [(s["name"] + " QAT", s["onnx"]) for s in report["settings"] if s.get("onnx")]
     lines.append("ONNX Runtime, 1 thread, batch "
