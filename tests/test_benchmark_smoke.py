@@ -48,3 +48,19 @@ def test_bad_arguments_are_named(argv, match, capsys):
     with pytest.raises(SystemExit):
         _load().main(argv)
     assert match in capsys.readouterr().err
+
+
+def test_conv_benchmark_quick_run(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_conv", BENCH.parent / "bench_conv.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "conv.json"
+    result = mod.main(["--quick", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == result["rows"]
+    ours = [r for r in rows if r["impl"] == "Conv2dQAT"]
+    assert {r["granularity"] for r in ours} == {"tensor", "channel"}
+    for r in ours:
+        for key in ("train_ratio", "eval_ratio", "saved_vs_float", "conv_train_ms"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+    assert "| tiny 2x8x12x12->8 | per-tensor | Conv2dQAT |" in capsys.readouterr().out
