@@ -141,7 +141,7 @@ def local_average_cents(salience: torch.Tensor, radius: int = 4) -> torch.Tensor
     the argmax (clipped at the ends), float64 (shape batch)."""
     if salience.dim() != 2 or salience.shape[1] != N_BINS:
         raise ValueError(f"salience: expected shape (n, {N_BINS}), got {tuple(salience.shape)}")
-    s = salience.double()
+    s = salience.detach().double()
     centre = s.argmax(dim=1, keepdim=True)
     offsets = torch.arange(-radius, radius + 1)
     idx = centre + offsets
@@ -159,7 +159,7 @@ def pitch_metrics(pred_cents: torch.Tensor, true_cents: torch.Tensor, threshold:
     if pred_cents.shape != true_cents.shape or pred_cents.dim() != 1 or pred_cents.numel() == 0:
         raise ValueError(f"pred_cents, true_cents: expected two equal non-empty 1-D shapes, got "
                          f"{tuple(pred_cents.shape)} and {tuple(true_cents.shape)}")
-    err = (pred_cents.double() - true_cents.double()).abs()
+    err = (pred_cents.detach().double() - true_cents.detach().double()).abs()
     return {"rpa": float((err <= threshold).double().mean()), "cents_error": float(err.mean())}
 
 

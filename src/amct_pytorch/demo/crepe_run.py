@@ -14,6 +14,7 @@ import logging
 import os
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -215,6 +216,9 @@ class _QuietExport:
     NAMES = ("onnxscript.optimizer._constant_folding", "torch.onnx._internal.exporter._registration")
 
     def __enter__(self):
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
         self.levels = {n: logging.getLogger(n).level for n in self.NAMES}
         for n in self.NAMES:
             logging.getLogger(n).setLevel(logging.ERROR)
@@ -222,6 +226,7 @@ class _QuietExport:
     def __exit__(self, *exc):
         for n, level in self.levels.items():
             logging.getLogger(n).setLevel(level)
+        self.warnings.__exit__(*exc)
 
 
 def export_float(model, path) -> dict:
