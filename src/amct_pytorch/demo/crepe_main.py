@@ -17,7 +17,7 @@ from .main import settings_from_file
 from .report import write_json
 from .run import Timer
 
-QUICK = dict(steps=4, batch_size=16, calib_frames=64, eval_frames=512, curve_frames=128, eval_points=1,
+QUICK = dict(steps=4, batch_size=16, calib_frames=16, eval_frames=512, curve_frames=128, eval_points=1,
              latency_batch=32, latency_runs=2)
 REPORT, PLOT = "report.json", "plot.png"
 

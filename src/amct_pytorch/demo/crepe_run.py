@@ -283,15 +283,14 @@ def ort_latency(path, batch: int, runs: int) -> dict:
     ops = {}
     try:
         for node in onnx.load(optimized).graph.node:
-            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+            ops[key] = ops.get(key, 0) + 1
     finally:
         if os.path.exists(optimized):
             os.remove(optimized)
     return {"median_ms": round(1000 * statistics.median(times), 1), "min_ms": round(1000 * min(times), 1),
             "runs": runs, "batch": batch, "threads": 1,
-            "optimized_ops": {k: ops[k] for k in sorted(ops) if k in
-                              ("Conv", "QLinearConv", "ConvInteger", "MatMul", "Gemm", "QLinearMatMul", "MatMulInteger",
-                               "QuantizeLinear", "DequantizeLinear")}}
+            "optimized_ops": {k: ops[k] for k in sorted(ops)}}
 
 
 @dataclass
