@@ -190,3 +190,17 @@ def test_crepe_batchnorms_follow_relu_and_are_reported():
     result = fold_batchnorm(Crepe("tiny"), warn=False)
     assert result.folded == () and len(result.not_folded) == 6
     assert all("relu" in why for _, why in result.not_folded)
+
+
+def test_to_qat_can_fold_first():
+    from amct_pytorch import Conv2dQAT, to_qat
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3))
+    weight = model[0].weight
+    summary = to_qat(model, fold_batchnorm=True)
+    assert isinstance(model[0], Conv2dQAT) and model[0].weight is weight and isinstance(model[1], nn.Identity)
+    assert summary.batchnorm.folded == (("0", "1"),) and dict(summary.batchnorm.not_folded).keys() == {"3"}
+    assert "folded 1 BatchNorm" in str(summary)
+    assert to_qat(nn.Sequential(nn.Conv1d(1, 1, 1), nn.BatchNorm1d(1))).batchnorm is None  # off by default
+    with pytest.raises(TypeError, match="fold_batchnorm: expected a bool"):
+        to_qat(nn.Sequential(nn.Conv1d(1, 1, 1)), fold_batchnorm="yes")
