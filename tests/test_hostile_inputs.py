@@ -5,6 +5,8 @@ The README's "Reliability" table lists the same cases.
 import pytest
 import torch
 
+import amct_pytorch
+
 from amct_pytorch import LinearQAT, calibrating, strict_inputs
 from amct_pytorch.functional import EPS
 from float_bounds import assert_within, sum_tolerance
@@ -322,8 +324,11 @@ def test_calibration_on_cuda_gives_the_cpu_grid(search, value):
     for name in ("acts_clip_max", "acts_clip_min", "acts_scale", "acts_offset"):
         torch.testing.assert_close(getattr(gpu, name).detach().cpu(), getattr(cpu, name).detach(), rtol=1e-6, atol=0)
     before = _snapshot(gpu)
-    with pytest.raises(ValueError, match="NaN"):
+    with amct_pytorch.strict_inputs(), pytest.raises(ValueError, match="NaN"):
         gpu(torch.full((4, 16), NAN, device="cuda"))
+    _assert_unchanged(gpu, before)
+    # calibrated, not strict: a non-finite input propagates as in nn.Linear, no host sync, no state change
+    assert torch.isnan(gpu(torch.full((4, 16), NAN, device="cuda"))).all()
     _assert_unchanged(gpu, before)
 
 

@@ -29,7 +29,12 @@ from ....functional import EPS, WeightLayout, act_qparams, arq_scale, fake_quant
 from ....ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
 from ....qat_function import QuantSpec, WeightCache, qat_apply
 
-_FORCE = threading.local()
+class _ForceFlag(threading.local):
+    on = False  # a class default: every thread reads False until calibrating() sets it (no AttributeError,
+                # which torch.compile of older torch versions cannot trace through getattr's default)
+
+
+_FORCE = _ForceFlag()
 _STRICT = False  # see set_strict_inputs
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -39,7 +44,7 @@ _HIST_LIMIT = 2.0**126  # the histogram spans [-R, R) with R a power of two: 2R 
 @contextlib.contextmanager
 def calibrating():
     """Let every QAT module's forward inside this block update state, even in eval/no_grad."""
-    previous = getattr(_FORCE, "on", False)
+    previous = _FORCE.on
     _FORCE.on = True
     try:
         yield
@@ -379,7 +384,7 @@ class QATModuleMixin:
         """Whether a forward call now may change this module's state (see module doc)."""
         if _exporting():
             return False
-        return getattr(_FORCE, "on", False) or (self.training and torch.is_grad_enabled())
+        return _FORCE.on or (self.training and torch.is_grad_enabled())
 
     def _check_input(self, x):
         name = type(self).__name__

@@ -124,7 +124,7 @@ class EmbeddingQAT(nn.Embedding):
     def updates_state(self) -> bool:
         if _exporting():
             return False
-        return getattr(_FORCE, "on", False) or (self.training and torch.is_grad_enabled())
+        return _FORCE.on or (self.training and torch.is_grad_enabled())
 
     def _check_ids(self, ids):
         if not isinstance(ids, torch.Tensor):
