@@ -368,6 +368,53 @@ def keep_relu_before_int4_quantizers(proto) -> int:
     return count
 
 
+def unshare_activation_quantizers(proto) -> int:
+    """Give each consumer of a shared activation `QuantizeLinear -> DequantizeLinear` its own pair.
+
+    Layers reading the same tensor with equal factors (q/k/v projections calibrated on one input)
+    come out of the exporter's common-subexpression pass sharing one pair, which ONNX Runtime (1.32)
+    then leaves as float MatMuls. Returns how many pairs were added.
+    """
+    import copy
+
+    g = _Graph(proto.graph)
+    added: dict[int, list] = {}
+    count = 0
+    for q in proto.graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in g.consts:
+            continue
+        dq = g.only_consumer(q.output[0], "DequantizeLinear")
+        users = g.consumers.get(dq.output[0], []) if dq is not None else []
+        if dq is None or len(users) < 2 or dq.output[0] in g.outputs:
+            continue
+        for user in users[1:]:
+            q2, dq2 = copy.deepcopy(q), copy.deepcopy(dq)
+            q2.name, dq2.name = g.fresh(f"{q.name}_copy"), g.fresh(f"{dq.name}_copy")
+            q2.output[0] = g.fresh(f"{q.output[0]}_copy")
+            dq2.input[0] = q2.output[0]
+            # its own factor initializers too, else ORT's common-subexpression pass merges the copies again
+            for k in (1, 2):
+                if q.input[k] in g.consts:
+                    const = copy.deepcopy(g.consts[q.input[k]])
+                    const.name = g.fresh(f"{q.input[k]}_copy")
+                    proto.graph.initializer.append(const)
+                    q2.input[k] = dq2.input[k] = const.name
+            dq2.output[0] = g.fresh(f"{dq.output[0]}_copy")
+            for i, name in enumerate(user.input):
+                if name == dq.output[0]:
+                    user.input[i] = dq2.output[0]
+            added.setdefault(id(dq), []).extend((q2, dq2))
+            count += 1
+    if count:
+        nodes = []
+        for node in proto.graph.node:
+            nodes.append(node)
+            nodes.extend(added.get(id(node), []))
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+    return count
+
+
 def _activation_quantizer(g: _Graph, name: str):
     """The QuantizeLinear of `name` = DequantizeLinear(QuantizeLinear(x)) when that pair serves only this use."""
     dq = next((n for n in g.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == name), None)
@@ -379,7 +426,8 @@ def _activation_quantizer(g: _Graph, name: str):
     return q
 
 
-def fold_weight_quantizers(proto, *, gemm_to_matmul: bool = True) -> list[FoldedWeight]:
+def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool = True,
+                           separate_conv_bias: bool = True) -> list[FoldedWeight]:
     """Replace every `QuantizeLinear(float initializer) -> DequantizeLinear` by an integer initializer
     feeding the DequantizeLinear (in place on `proto`, a ModelProto).
 
@@ -436,26 +484,37 @@ def fold_weight_quantizers(proto, *, gemm_to_matmul: bool = True) -> list[Folded
         if perm is not None:
             codes = np.ascontiguousarray(codes.transpose(perm))
             axis = None if axis is None else perm.index(axis)
-        name = g.fresh(f"{q.input[0]}_quantized")
-        if bits == 4:
-            import ml_dtypes
-
-            init = numpy_helper.from_array(codes.astype(ml_dtypes.int4), name)
-            cast_out = g.fresh(f"{name}_int8")
-            zp8 = g.fresh(f"{q.input[2]}_int8")
-            proto.graph.initializer.append(numpy_helper.from_array(zp.astype(np.int8), zp8))
-            before.setdefault(id(dq), []).append(helper.make_node("Cast", [name], [cast_out], to=TensorProto.INT8,
-                                                                  name=g.fresh(f"{name}_cast")))
-            dq.input[0], dq.input[2] = cast_out, zp8
+        if not integer:  # float weight kept behind its Q/DQ pair, only laid out for the MatMul
+            if perm is not None:
+                name = g.fresh(f"{q.input[0]}_transposed")
+                init = numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), name)
+                proto.graph.initializer.append(init)
+                q.input[0] = name
+                _set_attr(q, "axis", axis)
+                _set_attr(dq, "axis", axis)
+                dead_values.update((dq.output[0], q.output[0]))
+                dq.output[0] = out_name
         else:
-            init = numpy_helper.from_array(codes, name)
-            dq.input[0] = name
-        proto.graph.initializer.append(init)
-        _set_attr(dq, "axis", axis)
-        dead_values.add(dq.output[0])  # its shape may change with a folded transpose
-        dq.output[0] = out_name
-        drop.add(id(q))
-        dead_values.add(q.output[0])
+            name = g.fresh(f"{q.input[0]}_quantized")
+            if bits == 4:
+                import ml_dtypes
+
+                init = numpy_helper.from_array(codes.astype(ml_dtypes.int4), name)
+                cast_out = g.fresh(f"{name}_int8")
+                zp8 = g.fresh(f"{q.input[2]}_int8")
+                proto.graph.initializer.append(numpy_helper.from_array(zp.astype(np.int8), zp8))
+                before.setdefault(id(dq), []).append(helper.make_node("Cast", [name], [cast_out], to=TensorProto.INT8,
+                                                                      name=g.fresh(f"{name}_cast")))
+                dq.input[0], dq.input[2] = cast_out, zp8
+            else:
+                init = numpy_helper.from_array(codes, name)
+                dq.input[0] = name
+            proto.graph.initializer.append(init)
+            _set_attr(dq, "axis", axis)
+            dead_values.add(dq.output[0])  # its shape may change with a folded transpose
+            dq.output[0] = out_name
+            drop.add(id(q))
+            dead_values.add(q.output[0])
         if gemm_ok:
             gemm.op_type = "MatMul"
             bias = list(gemm.input[2:3])
@@ -484,7 +543,21 @@ def fold_weight_quantizers(proto, *, gemm_to_matmul: bool = True) -> list[Folded
                 gemm.output[0] = out
             if act_q is not None:
                 after.append(helper.make_node("Squeeze", [out, axes], [y], name=g.fresh(f"{gemm.name}_squeeze")))
-        folded.append(FoldedWeight(q.input[0], name, bits, perm, axis, w.size * 4, len(init.raw_data)))
+        conv = g.only_consumer(out_name, "Conv") or g.only_consumer(out_name, "ConvTranspose")
+        if separate_conv_bias and conv is not None and conv.input[1] == out_name and len(conv.input) > 2 \
+                and conv.input[2] in g.consts:
+            # ONNX Runtime's WeightBiasQuantization quantizes the bias input of a DequantizeLinear-fed
+            # Conv to int32 at s_x*s_w; a separate Add keeps the trained float bias
+            b = g.array(conv.input[2]).astype(np.float32)
+            b_name = g.fresh(f"{conv.input[2]}_channels")
+            proto.graph.initializer.append(numpy_helper.from_array(b.reshape(-1, *([1] * (codes.ndim - 2))), b_name))
+            del conv.input[2:]
+            y = conv.output[0]
+            conv.output[0] = g.fresh(f"{y}_nobias")
+            before.setdefault(("after", id(conv)), []).append(
+                helper.make_node("Add", [conv.output[0], b_name], [y], name=g.fresh(f"{conv.name}_bias")))
+        if integer:
+            folded.append(FoldedWeight(src.name, name, bits, perm, axis, w.size * 4, len(init.raw_data)))
     nodes = []
     for node in proto.graph.node:
         if id(node) in drop:
@@ -740,7 +813,8 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
 
         proto = onnx.load(path)
         static_dim_params(proto)
-        folded = tuple(fold_weight_quantizers(proto)) if integer_weights else ()
+        unshare_activation_quantizers(proto)
+        folded = tuple(fold_weight_quantizers(proto, integer=integer_weights))
         keep_relu_before_int4_quantizers(proto)
         onnx.save(proto, path)
         result = ExportResult(path, None, folded, _onnx_input_dims(path))
