@@ -5,8 +5,11 @@ Under `torch.onnx.export` each LinearQAT (conv: the same with Conv/ConvTranspose
     x -> QuantizeLinear(s_d, o_d) -> DequantizeLinear(s_d, o_d) --\
     W -> QuantizeLinear(s_w, 0)   -> DequantizeLinear(s_w, 0)   ----> Gemm/MatMul(+bias)
 
-The weight stays a float initializer with its own Q/DQ pair (the explicit-quantization form
-TensorRT and most QDQ toolchains expect); `deploy_view` hands out the int8 codes directly.
+`export_onnx` then rewrites that graph for deployment (`fold_weight_quantizers` and friends):
+each weight is stored as its integer codes (int8, or packed INT4 behind Cast(to=INT8)) feeding
+its DequantizeLinear, a Linear is MatMul + Add, a conv's bias is a separate Add, so that ONNX
+Runtime's default session options compute what the eval forward computes (docs/export.md).
+`deploy_view` hands out the same integer codes.
 """
 from __future__ import annotations
 
@@ -437,8 +440,11 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
     DequantizeLinear: the form ONNX Runtime's CPU provider fuses into MatMulIntegerToFloat (an
     INT4 DequantizeLinear is left as float). A Transpose right after the DequantizeLinear is
     folded into the codes. With `gemm_to_matmul`, a `Gemm` (alpha = beta = 1, no transA) fed by a
-    folded weight becomes `MatMul` + `Add(bias)`: the MatMul form fuses, and the float bias stays
-    float under ONNX Runtime's default options (see `ort_session`).
+    folded weight becomes `MatMul` + `Add(bias)` (its 2-D input quantized as (1, M, K)): the MatMul
+    form fuses, and the float bias stays float under ONNX Runtime's default options. With
+    `separate_conv_bias`, a Conv/ConvTranspose bias becomes an Add after it, for the same reason.
+    With `integer=False` the float weight keeps its QuantizeLinear (only laid out for the MatMul).
+    Returns the folded weights (none when `integer=False`).
     """
     from onnx import TensorProto, helper, numpy_helper
 
