@@ -323,3 +323,15 @@ def test_session_options_and_legacy_form(tmp_path):
     proto = onnx.load(legacy.path)
     assert not legacy.folded_weights
     assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) == 6  # activations and weights
+
+
+def test_simulated_int32_bias_passes_gradient_to_the_float_bias():
+    from amct_pytorch.export import simulated_int32_bias
+
+    m = mlp(FIXED_MIN, width=16)[0]
+    b = simulated_int32_bias(m)
+    assert torch.equal(b.detach(), int32_bias(m))
+    b.sum().backward()
+    assert torch.equal(m.bias.grad, torch.ones_like(m.bias))
+    fresh = LinearQAT(4, 4)
+    assert simulated_int32_bias(fresh) is fresh.bias  # not calibrated: the float bias

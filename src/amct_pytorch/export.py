@@ -606,6 +606,18 @@ def int32_bias(module, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     return (codes * step).to(bias.dtype)
 
 
+def simulated_int32_bias(module) -> torch.Tensor | None:
+    """For a QAT forward that trains against the int32 bias: `int32_bias` with a straight-through
+    gradient to the float bias (the float bias until the activation grid exists).
+
+    The hook a module would need (not wired in): where its float op takes `self.bias`, pass
+    `simulated_int32_bias(self)` instead when a config flag asks for it.
+    """
+    if module.bias is None or not module.is_calibrated:
+        return module.bias
+    return module.bias + (int32_bias(module) - module.bias).detach()
+
+
 @contextlib.contextmanager
 def _bias_on_int32_grid(layers):
     """Temporarily give each layer's bias its int32-grid value (restored bit for bit)."""
