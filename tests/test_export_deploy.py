@@ -201,6 +201,7 @@ def test_every_conv_class(tmp_path, cls, nd, kwargs, config):
     for inputs in ((x,), (torch.randn(3, 4, *[11] * nd),)):
         assert_parity(model, inputs, result.path)
     assert all(isinstance(d, str) for i, d in enumerate(result.dynamic_dims[0]) if i != 1)
+    onnx.checker.check_model(onnx.load(result.path), full_check=True)
     view = deploy_view(model)
     inits = initializers(onnx.load(result.path))
     assert [f.source for f in result.folded_weights] == ["0.weight", "2.weight"]
@@ -241,6 +242,8 @@ def test_integer_weights_sizes_codes_and_fusion(tmp_path, config, bits):
     # the weights dominate both files: int8 = 1/4, INT4 = 1/8 of their float bytes
     saved = os.path.getsize(plain.path) - os.path.getsize(packed.path)
     assert saved >= weight_bytes * (1 - bits / 32) * 0.99
+    onnx.checker.check_model(onnx.load(packed.path), full_check=True)
+    onnx.checker.check_model(onnx.load(plain.path), full_check=True)
     view = deploy_view(model)
     inits = initializers(onnx.load(packed.path))
     for f in packed.folded_weights:
