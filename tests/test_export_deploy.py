@@ -30,7 +30,8 @@ ATOL = 1e-5
 # expected; `tie_bound` is what one flip can move an output by.
 W8 = {"retrain_weight_config": {"channel_wise": True}}
 W4 = {"retrain_weight_config": {"dst_type": "INT4", "channel_wise": True}}
-A4W4 = {"retrain_data_config": {"dst_type": "INT4"}, "retrain_weight_config": {"dst_type": "INT4", "channel_wise": True}}
+A4W4 = {"retrain_data_config": {"dst_type": "INT4"},
+        "retrain_weight_config": {"dst_type": "INT4", "channel_wise": True}}
 
 
 def tie_bound(model):

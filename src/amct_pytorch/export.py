@@ -544,7 +544,8 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
             out = g.fresh(f"{y}_3d") if act_q is not None else y
             if bias and bias[0]:
                 gemm.output[0] = g.fresh(f"{y}_matmul")
-                after.append(helper.make_node("Add", [gemm.output[0], bias[0]], [out], name=g.fresh(f"{gemm.name}_bias")))
+                after.append(helper.make_node("Add", [gemm.output[0], bias[0]], [out],
+                                              name=g.fresh(f"{gemm.name}_bias")))
             else:
                 gemm.output[0] = out
             if act_q is not None:
