@@ -339,3 +339,10 @@ def test_simulated_int32_bias_passes_gradient_to_the_float_bias():
     assert torch.equal(m.bias.grad, torch.ones_like(m.bias))
     fresh = LinearQAT(4, 4)
     assert simulated_int32_bias(fresh) is fresh.bias  # not calibrated: the float bias
+
+
+def test_size_one_example_dim_warns_and_is_fixed(tmp_path):
+    model = mlp(W8, width=32)
+    with pytest.warns(UserWarning, match="input_0 dim 0 has size 1"):
+        result = export_onnx(model, torch.randn(1, 32), tmp_path / "one.onnx")
+    assert result.dynamic_dims == ((1, 32),)
