@@ -153,46 +153,70 @@ def test_ort_matches_pytorch_eval(exported):
 
 
 def test_integer_codes_identical(exported):
+    """Activation codes ORT computes, and the integer weight initializers, equal PyTorch's / deploy_view's."""
     model, proto = exported["model"], exported["proto"]
     x = example(exported["kind"], batch=64, seq=8, seed=3)
     codes = ort_codes(proto, x)
     inputs = layer_inputs(model, x)
-    for i, m in enumerate(layers(model)):
+    values = constants(proto)
+    folded = exported["result"].folded_weights  # in graph order: one per layer
+    view = deploy_view(model)
+    for i, (name, m) in enumerate(named_layers(model)):
         q = module_qparams(m)
         want_act = quantize_act(inputs[i], q.act_scale, q.act_offset.float(), q.act_bits)
-        assert np.array_equal(codes[2 * i], want_act.numpy().astype(np.int32))
-        view = deploy_view(model)[[n for n, mod in model.named_modules() if mod is m][0]]
-        assert np.array_equal(codes[2 * i + 1], view.weight.numpy().astype(np.int32))
+        # a 2-D input goes through the quantizer as (1, M, K) (see fold_weight_quantizers)
+        assert np.array_equal(codes[i].reshape(want_act.shape), want_act.numpy().astype(np.int32))
+        f = folded[i]
+        if exported["exporter"] == "dynamo":
+            assert f.source == f"{name}.weight"
+        stored = values[f.name].astype(np.int32)
+        if f.perm is not None:
+            stored = stored.transpose(np.argsort(f.perm))
+        assert np.array_equal(stored, view[name].weight.numpy().astype(np.int32))
 
 
-def test_one_qdq_pair_per_activation_and_weight(exported):
+def named_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearQAT)]
+
+
+def test_one_qdq_pair_per_activation_and_integer_weights(exported):
+    """Each layer: a Q/DQ pair on its input; its weight is an integer initializer feeding a DequantizeLinear
+    (INT4: through Cast to int8). The scales and zero points are the eval forward's factors."""
     model, proto = exported["model"], exported["proto"]
     values = constants(proto)
     pairs = qdq_pairs(proto)
     qat = layers(model)
-    assert len(pairs) == 2 * len(qat)
+    assert len(pairs) == len(qat)  # activations only: the weights are stored as codes
     assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 2 * len(qat)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    weight_dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                  and (n.input[0] in values or producers.get(n.input[0]) is not None
+                       and producers[n.input[0]].op_type == "Cast")]
+    assert len(weight_dqs) == len(qat)
+    folded = exported["result"].folded_weights
+    assert len(folded) == len(qat)
     for i, m in enumerate(qat):
-        (qa, dqa), (qw, dqw) = pairs[2 * i], pairs[2 * i + 1]
-        assert qa.input[0] not in values and values.get(qw.input[0]) is not None  # activation, then weight
-        np.testing.assert_array_equal(values[qw.input[0]], m.weight.detach().numpy())
-        for q, dq in ((qa, dqa), (qw, dqw)):
-            assert list(q.input[1:]) == list(dq.input[1:])  # the pair shares scale and zero point
+        qa, dqa = pairs[i]
+        dqw = weight_dqs[i]
+        assert list(qa.input[1:]) == list(dqa.input[1:])  # the pair shares scale and zero point
         scale_a, zp_a = m.act_qparams()
         assert values[qa.input[1]].shape == () and values[qa.input[1]] == scale_a.item() == m.acts_scale.item()
         assert int(values[qa.input[2]]) == int(zp_a) == int(m.acts_offset)
-        w_scale, w_zp = values[qw.input[1]], values[qw.input[2]]
-        # after a training forward the stored buffers are the factors the eval forward uses
+        w_scale, w_zp = values[dqw.input[1]], values[dqw.input[2]]
         np.testing.assert_array_equal(w_scale.reshape(-1), m.wts_scales.detach().numpy())
         np.testing.assert_array_equal(w_zp.reshape(-1).astype(np.int8), m.wts_offsets.numpy())
-        axis = {a.name: a.i for a in qw.attribute}.get("axis")
+        axis = {a.name: a.i for a in dqw.attribute}.get("axis")
+        f = folded[i]
         if m.config.retrain_weight_config.channel_wise:
-            assert axis == 0 and w_scale.shape == (m.out_features,)
+            assert axis == f.axis and w_scale.shape == (m.out_features,)
+            assert values[f.name].shape[axis] == m.out_features
         else:
-            assert w_scale.shape == ()
+            assert w_scale.shape == () and f.axis is None
         zp_type = {4: TensorProto.INT4, 8: TensorProto.INT8}
         assert proto_type(proto, qa.input[2]) == zp_type[m.config.retrain_data_config.num_bits]
-        assert proto_type(proto, qw.input[2]) == zp_type[m.config.retrain_weight_config.num_bits]
+        assert proto_type(proto, f.name) == zp_type[m.config.retrain_weight_config.num_bits]
+        assert proto_type(proto, dqw.input[2]) == TensorProto.INT8  # INT4 codes reach it through Cast(to=INT8)
+        assert f.int_bytes * (32 // f.bits) <= f.float_bytes + 32 // f.bits
 
 
 def proto_type(proto, name):
@@ -327,7 +351,7 @@ def test_codes_differ_only_at_rounding_ties(tmp_path):
     x = (torch.rand(4096, 64) * 3.4 - 1.2)
     tie = (0.5 * q.act_scale).reshape(1, 1).expand(1, 64)  # x/s == 0.5 exactly
     x = torch.cat([x, tie])
-    onnx_codes = torch.from_numpy(ort_codes(onnx.load(path), x)[0]).float()
+    onnx_codes = torch.from_numpy(ort_codes(onnx.load(path), x)[0]).float().reshape(x.shape)
     ours = quantize_act(x, q.act_scale, q.act_offset.float(), q.act_bits)
     diff = onnx_codes - ours
     v = x / q.act_scale
