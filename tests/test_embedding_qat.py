@@ -90,3 +90,33 @@ def test_to_qat_converts_embeddings_only_when_asked():
     assert type(model[0]) is EmbeddingQAT and set(qat_layers(model)) == {"0", "1"}
     assert disable_quantization(model) == 2 and enable_quantization(model) == 2
     assert to_float(model) == ["0", "1"] and type(model[0]) is nn.Embedding
+
+
+def test_export_gathers_int8_rows_and_scales(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    import amct_pytorch as amct
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(500, 32), nn.Linear(32, 8)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    torch.manual_seed(7)
+    model = Encoder()
+    to_qat(model, layer_types=[nn.Linear, nn.Embedding], overrides={"emb": PER_ROW})
+    amct.calibrate(model, [torch.randint(0, 500, (4, 9))], progress=False)
+    model.eval()
+    result = amct.export_onnx(model, (torch.randint(0, 500, (2, 5)),), tmp_path / "e.onnx",
+                              check_inputs=[(torch.randint(0, 500, (3, 13)),)])
+    # the same x̂ and ŵ; only the final matmul may sum in another order
+    assert result.max_abs_diff <= 1e-5
+    graph = onnx.load(tmp_path / "e.onnx").graph
+    ops = [n.op_type for n in graph.node]
+    assert ops[:2] == ["Gather", "Cast"] and "Mul" in ops  # rows first, then dequantized
+    tables = [i for i in graph.initializer if list(i.dims) == [500, 32]]
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.INT8
+    codes, scale = model.emb.quantized_table()
+    assert (onnx.numpy_helper.to_array(tables[0]) == codes.numpy()).all()

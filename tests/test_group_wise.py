@@ -132,3 +132,62 @@ def test_config_round_trips_with_and_without_group_size():
         parsed = parse_config(cfg)
         assert parse_config(parsed.to_dict()) == parsed
     assert "group_size" not in parse_config({}).to_dict()[W]
+
+
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.mark.parametrize("bits", ["INT4", "INT8"])
+def test_group_wise_export_runs_in_onnx_runtime_with_integer_blocked_weights(tmp_path, bits):
+    import amct_pytorch as amct
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    to_qat(model, _cfg(16, bits, "ulq_quantize"))
+    model.train()
+    for _ in range(2):
+        model(torch.randn(16, 64)).sum().backward()
+    model.eval()
+    result = amct.export_onnx(model, (torch.randn(5, 64),), tmp_path / "g.onnx",
+                              check_inputs=[(torch.randn(9, 64),)])
+    assert result.max_abs_diff <= 1e-5
+    graph = onnx.load(tmp_path / "g.onnx").graph
+    blocked = [n for n in graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" and a.i == 16 for a in n.attribute)]
+    assert len(blocked) == 2
+    inits = {i.name: i for i in graph.initializer}
+    view = deploy_view(model)
+    for f in result.folded_weights:
+        codes = onnx.numpy_helper.to_array(inits[f.name]).astype("int8")
+        want = view[f.source.rsplit(".", 1)[0]].weight.numpy()
+        assert (codes == want).all()
+        assert f.int_bytes * (8 // int(bits[3:])) <= f.float_bytes / 4 + 8
+
+
+def test_group_wise_export_of_a_token_encoder_at_other_lengths(tmp_path):
+    import amct_pytorch as amct
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 32), nn.Linear(32, 16)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids)).mean(1)
+
+    torch.manual_seed(6)
+    model = Encoder()
+    to_qat(model, _cfg(16))
+    amct.calibrate(model, [torch.randint(0, 50, (4, 9))], progress=False)
+    model.eval()
+    result = amct.export_onnx(model, (torch.randint(0, 50, (2, 6)),), tmp_path / "e.onnx",
+                              check_inputs=[(torch.randint(0, 50, (3, 17)),)])
+    assert result.max_abs_diff <= 1e-5
+
+
+def test_plain_torch_onnx_export_refuses_group_wise_clearly(tmp_path):
+    m = LinearQAT(32, 4, config=_cfg(16)).train()
+    m(torch.randn(4, 32))
+    m.eval()
+    with pytest.raises(Exception, match="blocked"):
+        torch.onnx.export(m, (torch.randn(2, 32),), str(tmp_path / "p.onnx"), dynamo=False)

@@ -83,12 +83,6 @@ def check_exportable(module) -> None:
             f"{_describe(module)}: is in training mode; call model.eval() before export "
             "(the exported graph is the eval-mode forward)."
         )
-    if module.config.retrain_weight_config.group_size is not None:
-        raise RuntimeError(
-            f"{_describe(module)}: group-wise weight scales (group_size="
-            f"{module.config.retrain_weight_config.group_size}) are not exported yet; use channel_wise without "
-            "group_size for a layer you export"
-        )
     if not _per_channel_fits_one_axis(module):
         raise RuntimeError(
             f"{_describe(module)}: per-channel weight scales of a grouped transposed conv (groups={module.groups}) "
@@ -133,12 +127,25 @@ def _pinned_qparams(model: nn.Module):
     torch.export traces with fake parameters, so without this the factors are computed inside
     the graph from the parameters (the exporter folds them into constants only for small weights).
     """
+    from .nn.module.quantization.embedding import EmbeddingQAT
+
     table = {id(m): module_qparams(m) for _, m in _qat_modules(model)}
+    table.update({id(m): m.quantized_table() for m in model.modules()
+                  if isinstance(m, EmbeddingQAT) and m.config.retrain_enable})
     token = _PINNED.set(table)
     try:
         yield
     finally:
         _PINNED.reset(token)
+
+
+def pinned_embedding(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, scales) of an EmbeddingQAT for its export forward: the constants export_onnx
+    computed from the real table (written as initializers), else computed now."""
+    pinned = _PINNED.get()
+    if pinned is not None and id(module) in pinned:
+        return pinned[id(module)]
+    return module.quantized_table()
 
 
 def _graph_qparams(module) -> QParams:
@@ -172,6 +179,19 @@ def export_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     pinned = _PINNED.get()
     q = pinned.get(id(module)) if pinned is not None else None
     axis = weight_axis(module)
+    group = module.config.retrain_weight_config.group_size
+    if q is not None and not torch.jit.is_tracing() and group is not None:
+        # group-wise: an opset-21 blocked Q/DQ, one scale per (output row, block of input features)
+        xq = quant_dequant(x, q.act_scale, [int(q.act_offset)], -1, q.act_bits)
+        w_scale = q.weight_scale.reshape(module.out_features, module.in_features // group)
+        wq = quant_dequant_blocked(module.weight, w_scale, group, q.weight_bits)
+        return module._float_apply(xq, wq, *args, **kwargs)
+    if group is not None:
+        raise RuntimeError(
+            f"{_describe(module)}: group-wise weight scales (group_size={group}) need opset-21 blocked "
+            "QuantizeLinear/DequantizeLinear, which plain torch.onnx.export cannot emit. Use "
+            "amct_pytorch.export_onnx(model, example_inputs, path)."
+        )
     if q is not None and not torch.jit.is_tracing():  # export_onnx, dynamo: our op, translated by us
         w_scale = q.weight_scale if q.channel_wise else q.weight_scale.reshape(())
         xq = quant_dequant(x, q.act_scale, [int(q.act_offset)], -1, q.act_bits)
@@ -239,9 +259,33 @@ def _quant_dequant_onnx(x, scale, zero_point: list[int], axis: int, num_bits: in
     return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp, **kwargs), scale, zp, **kwargs)
 
 
+@torch.library.custom_op("amct_pytorch::quant_dequant_blocked", mutates_args=())
+def quant_dequant_blocked(w: torch.Tensor, scale: torch.Tensor, block_size: int, num_bits: int) -> torch.Tensor:
+    """Blocked (opset 21) symmetric Q/DQ of a 2-d weight: scale (rows, cols / block_size), one per
+    row and block of `block_size` consecutive columns."""
+    qmin, qmax = int_range(num_bits)
+    s = scale.repeat_interleave(block_size, dim=1)
+    return torch.round(w / s).clamp(qmin, qmax) * s
+
+
+@quant_dequant_blocked.register_fake
+def _(w, scale, block_size, num_bits):
+    return torch.empty_like(w)
+
+
+def _quant_dequant_blocked_onnx(w, scale, block_size: int, num_bits: int):
+    from onnxscript import ir, opset21
+
+    zp = opset21.Constant(value=ir.tensor(np.zeros(tuple(scale.shape), dtype=np.int8),
+                                          dtype={4: ir.DataType.INT4, 8: ir.DataType.INT8}[num_bits]))
+    kwargs = {"axis": 1, "block_size": block_size}
+    return opset21.DequantizeLinear(opset21.QuantizeLinear(w, scale, zp, **kwargs), scale, zp, **kwargs)
+
+
 def onnx_translations() -> dict:
     """The custom_translation_table export_onnx passes to torch.onnx.export(dynamo=True)."""
-    return {torch.ops.amct_pytorch.quant_dequant.default: _quant_dequant_onnx}
+    return {torch.ops.amct_pytorch.quant_dequant.default: _quant_dequant_onnx,
+            torch.ops.amct_pytorch.quant_dequant_blocked.default: _quant_dequant_blocked_onnx}
 
 
 # ---- integer weights on disk: a pass over the exported ONNX graph -------------------------
@@ -464,7 +508,15 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
             continue
         src = g.inits[q.input[0]]
         dq = g.only_consumer(q.output[0], "DequantizeLinear")
-        if src.data_type != TensorProto.FLOAT or dq is None or _attr(q, "block_size", 0) or _attr(dq, "block_size", 0):
+        if src.data_type != TensorProto.FLOAT or dq is None:
+            continue
+        if _attr(q, "block_size", 0) or _attr(dq, "block_size", 0):
+            if integer:
+                f = _fold_blocked(g, proto, q, dq, src)
+                if f is not None:
+                    folded.append(f)
+                    drop.add(id(q))
+                    dead_values.add(q.output[0])
             continue
         w, scale, zp = g.array(q.input[0]), g.array(q.input[1]), g.array(q.input[2])
         if scale is None or zp is None or len(dq.input) < 3:
@@ -590,6 +642,35 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(keep_vi)
     return folded
+
+
+def _fold_blocked(g, proto, q, dq, src):
+    """A blocked (group-wise) weight Q/DQ pair -> integer initializer (packed INT4 or int8) feeding the
+    same blocked DequantizeLinear (ONNX Runtime runs it as a float MatMul after dequantizing)."""
+    from onnx import numpy_helper
+
+    w, scale, zp = g.array(q.input[0]), g.array(q.input[1]), g.array(q.input[2])
+    if scale is None or zp is None or q.input[1:3] != dq.input[1:3]:
+        return None
+    grid = _int_grid(g.consts[q.input[2]].data_type)
+    if grid is None:
+        return None
+    qmin, qmax, bits = grid
+    axis, block = _attr(q, "axis", 1), _attr(q, "block_size", 0)
+    axis = axis + w.ndim if axis < 0 else axis
+    s = np.repeat(scale.astype(np.float32), block, axis=axis)
+    z = np.repeat(zp.astype(np.float32), block, axis=axis)
+    codes = np.clip(np.rint(w.astype(np.float32) / s) + z, qmin, qmax).astype(np.int8)
+    name = g.fresh(f"{q.input[0]}_quantized")
+    if bits == 4:
+        import ml_dtypes
+
+        init = numpy_helper.from_array(codes.astype(ml_dtypes.int4), name)
+    else:
+        init = numpy_helper.from_array(codes, name)
+    proto.graph.initializer.append(init)
+    dq.input[0] = name
+    return FoldedWeight(src.name, name, bits, None, axis, w.size * 4, len(init.raw_data))
 
 
 # ---- the bias: float (default) or on the int32 grid of integer runtimes -----------------------
@@ -804,11 +885,14 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
         check_exportable(m)
     has_int4 = any(4 in (m.config.retrain_data_config.num_bits, m.config.retrain_weight_config.num_bits)
                    for _, m in layers)
-    if has_int4 and not dynamo:
+    has_blocks = any(m.config.retrain_weight_config.group_size is not None for _, m in layers)
+    if (has_int4 or has_blocks) and not dynamo:
+        what = "INT4 layers" if has_int4 else "group-wise weight scales (blocked Q/DQ)"
         raise ValueError(
-            f"dynamo=False: the model has INT4 layers, which need opset-{INT4_OPSET} INT4 QuantizeLinear; "
+            f"dynamo=False: the model has {what}, which need opset-{INT4_OPSET} QuantizeLinear; "
             "the TorchScript exporter stops at opset 20. Use dynamo=True."
         )
+    has_int4 = has_int4 or has_blocks  # both need opset 21
     path = os.fspath(path)
     names = [f"input_{i}" for i in range(len(inputs))]
     pinned = _pinned_dims(inputs, names, static_dims)
