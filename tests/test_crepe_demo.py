@@ -165,7 +165,9 @@ def test_cli_routes_crepe_options(monkeypatch, tmp_path):
     assert cli.main(["demo", "--model", "crepe", "--quick", "--steps", "3", "--batch-size", "8", "--no-progress",
                      "--out", str(tmp_path)]) == 0
     assert seen == {"out": str(tmp_path), "steps": 3, "batch_size": 8, "config": None, "quick": True,
-                    "progress": False}
+                    "progress": False, "compare_batchnorm": False}
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--compare-batchnorm", "--out", str(tmp_path)])  # minilm has no BatchNorm comparison
 
 
 @needs_weights
@@ -175,7 +177,8 @@ def test_quick_crepe_demo_end_to_end(tmp_path):
     out.mkdir()
     (out / "report.json").write_text('{"complete": true}')  # from an earlier run: must be replaced
     run = subprocess.run([sys.executable, "-m", "amct_pytorch.cli", "demo", "--model", "crepe", "--quick",
-                          "--no-progress", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                          "--compare-batchnorm", "--no-progress", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "RPA %" in run.stdout and "w4a8" in run.stdout
     rep = json.loads((out / "report.json").read_text())

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--amp", choices=["fp32", "bf16"], default="fp32",
                       help="minilm only: QAT training precision; bf16 runs the training forwards under "
                            "torch.autocast(bfloat16) (the QAT layers keep float32 math; default fp32)")
+    demo.add_argument("--compare-batchnorm", action="store_true",
+                      help="crepe only: also run the harder setting's QAT with BatchNorm training (batch "
+                           "statistics) and report both modes")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
 
         if args.model == "crepe" and args.no_split:
             parser.error("--no-split: applies only to --model minilm (CREPE has no FFN outlier split)")
+        if args.model != "crepe" and args.compare_batchnorm:
+            parser.error("--compare-batchnorm: applies only to --model crepe")
         if args.model == "crepe" and args.amp != "fp32":
             parser.error(f"--amp {args.amp}: applies only to --model minilm")
         if args.config is not None:
@@ -66,7 +71,8 @@ def main(argv=None) -> int:
                 from .demo.crepe_main import run_crepe_demo
 
                 run_crepe_demo(out=args.out, steps=args.steps, batch_size=args.batch_size, config=args.config,
-                               quick=args.quick, progress=not args.no_progress)
+                               quick=args.quick, progress=not args.no_progress,
+                               compare_batchnorm=args.compare_batchnorm)
             else:
                 run_demo(out=args.out, steps=args.steps, batch_size=args.batch_size, config=args.config,
                          quick=args.quick, progress=not args.no_progress,
