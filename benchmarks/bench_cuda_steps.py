@@ -114,6 +114,9 @@ def main(argv=None):
                 mod.eval()
                 evl = timed(make_eval(mod, x), args.reps, args.warmup)
             except Exception as err:  # report, do not stop the whole run
+                if not any("error" in r for r in rows):  # the first failure in full, for diagnosis
+                    import traceback
+                    traceback.print_exc(limit=-12)
                 rows.append(dict(shape=f"{n}x{i}->{o}", impl=name, error=f"{type(err).__name__}: {err}"[:200]))
                 print(rows[-1], flush=True)
                 continue
