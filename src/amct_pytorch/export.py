@@ -118,6 +118,7 @@ def module_qparams(module) -> QParams:
 
 # ---- the export-time forward --------------------------------------------------------
 _PINNED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("amct_pinned_qparams", default=None)
+_EXPORT_ONNX_ACTIVE = False
 
 
 @contextlib.contextmanager
@@ -132,11 +133,20 @@ def _pinned_qparams(model: nn.Module):
     table = {id(m): module_qparams(m) for _, m in _qat_modules(model)}
     table.update({id(m): m.quantized_table() for m in model.modules()
                   if isinstance(m, EmbeddingQAT) and m.config.retrain_enable})
-    token = _PINNED.set(table)
+    global _EXPORT_ONNX_ACTIVE
+    token, was_active = _PINNED.set(table), _EXPORT_ONNX_ACTIVE
+    _EXPORT_ONNX_ACTIVE = True
     try:
         yield
     finally:
         _PINNED.reset(token)
+        _EXPORT_ONNX_ACTIVE = was_active
+
+
+def export_context_active() -> bool:
+    """Whether export_onnx is exporting right now (its factors are pinned). A plain module global
+    (not the context variable) so that torch.compile reads it as a guarded constant."""
+    return _EXPORT_ONNX_ACTIVE
 
 
 def pinned_embedding(module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,11 +118,28 @@ def _in_reentrant_checkpoint_forward() -> bool:
     return False
 
 
+# torch < 2.13: dynamo reports torch.compiler.is_exporting() as True inside torch.compile too (seen
+# with torch 2.11 on CUDA), so there is_exporting() counts only outside torch.compile
+_EXPORT_FLAG_RELIABLE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
+def _torch_exporting() -> bool:
+    """torch.export / ONNX export is tracing this forward (not a torch.compile'd step)."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    if not torch.compiler.is_exporting():
+        return False
+    if _EXPORT_FLAG_RELIABLE or not torch.compiler.is_compiling():
+        return True
+    from .... import export  # our export_onnx is running: its factors are pinned
+
+    return export._EXPORT_ONNX_ACTIVE
+
+
 def _exporting() -> bool:
     # torch.compiler.is_exporting covers torch.export (the dynamo ONNX exporter's first step);
     # is_compiling is left out on purpose: a torch.compile'd training step must still update state
-    return (torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.jit.is_scripting())
+    return _torch_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 def positive_int(value, name):
@@ -285,7 +302,7 @@ class QATModuleMixin:
     def forward(self, x, *args, **kwargs):
         if not self.config.retrain_enable:
             return self._FLOAT.forward(self, x, *args, **kwargs)
-        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        if _torch_exporting():
             return self._forward_for_export(x, *args, **kwargs)
         self._check_input(x)
         # mixed precision: master parameters and all quantization math stay float32, and so does

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ....config import DataQuantConfig, QATConfig, parse_config
 from ....functional import arq_scale, fake_quant_weight, int_range, rows_layout, ulq_weight_scale
-from .base import _FORCE, _exporting, check_device, check_dtype, positive_int
+from .base import _FORCE, _exporting, _torch_exporting, check_device, check_dtype, positive_int
 
 __all__ = ["EmbeddingQAT"]
 
@@ -139,7 +139,7 @@ class EmbeddingQAT(nn.Embedding):
         if not self.config.retrain_enable:
             return nn.Embedding.forward(self, ids)
         self._check_ids(ids)
-        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        if _torch_exporting():
             return self._forward_for_export(ids)
         wcfg = self.config.retrain_weight_config
         update = self.updates_state()
