@@ -79,6 +79,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--json", type=Path)
+    p.add_argument("--granularity", default="tensor,channel", help="comma-separated: tensor, channel")
     args = p.parse_args(argv)
     dev = torch.device("cuda")
     rows, syncs = [], {}
@@ -90,7 +91,7 @@ def main(argv=None):
         base_train = timed(make_step(base, x, g), args.reps, args.warmup)
         base_eval = timed(make_eval(base, x), args.reps, args.warmup)
         impls = {}
-        for gran in ("tensor", "channel"):
+        for gran in args.granularity.split(","):
             cfg = {"retrain_weight_config": {"channel_wise": gran == "channel"}}
             ours = LinearQAT(i, o, device=dev, config=cfg).train()
             with torch.no_grad(), calibrating():
