@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from amct_pytorch import cli
 from amct_pytorch.demo import data, main as demo_main, report
 from amct_pytorch.demo.model import require
+from amct_pytorch.demo.run import GROUP_SIZE
 
 
 def test_sentences_split_is_disjoint_and_deterministic():
@@ -90,7 +92,19 @@ def test_quick_demo_end_to_end(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["complete"] and rep["options"]["quick"]
     assert rep["float"]["lee_pearson"] == pytest.approx(0.656, abs=0.002)
-    assert [s["name"] for s in rep["settings"]] == ["w8a8", "w4a8"]
+    assert [s["name"] for s in rep["settings"]] == ["w8a8", "w4a8g"]
+    assert "Warning" not in run.stderr and "Loading weights" not in run.stderr  # no third-party noise
+    assert rep["settings"][1]["config"]["retrain_weight_config"]["group_size"] == GROUP_SIZE
+    assert [s["split_outliers"] for s in rep["settings"]] == [True, False]  # group_size must divide 1536
+    dep = rep["deployment"]
+    assert list(dep["artifacts"]) == ["float", "w8a8", "w4a8g"] and not dep["not_exported"]
+    assert dep["artifacts"]["float"]["ort"]["mean_cos"] > 0.99999
+    for name, a in dep["artifacts"].items():
+        assert (out / Path(a["path"]).name).stat().st_size == pytest.approx(a["size_mb"] * 1e6, abs=1e4)
+        assert a["ort"]["sentences"] == rep["data"]["eval_sentences"] == 48
+        assert a["ort"]["max_tokens"] > dep["example_shape"][1]  # one artifact, every length
+        assert set(a["latency_ms"]) == {"8", "32"} and a["x_float"]["8"] > 0
+    assert dep["latency"]["threads"] == 1
     for s in rep["settings"]:
         assert s["converted"] == 36 and "pooler.dense" in s["left_float"]
         for phase in ("ptq", "qat"):
@@ -102,7 +116,9 @@ def test_quick_demo_end_to_end(tmp_path):
         assert len(s["clip_ranges"]["before"]) == len(s["clip_ranges"]["after"]) == 36
         assert s["clip_ranges"]["before"] != s["clip_ranges"]["after"]
         assert (out / f"{s['name']}_qat.onnx").stat().st_size > 1_000_000
-        assert s["onnx"]["min_cos_ort_vs_torch"] > 0.98
+        assert s["onnx"]["ort"]["min_cos_vs_torch"] > 0.98
+        assert s["onnx"]["ort"]["mean_cos"] == pytest.approx(s["qat"]["mean_cos"], abs=0.01)
+        assert all(isinstance(d, str) for d in s["onnx"]["dynamic_dims"][0])  # batch and sequence dynamic
         assert set(s["times_s"]) >= {"calibrate", "ptq_eval", "train", "qat_eval", "onnx_export"}
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*partial"))
@@ -112,7 +128,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert split["float_min_cos_after_split"] > 0.99999
     block0 = split["layers"]["encoder.layer.0.output.dense"]
     assert block0["max_abs_weight_before"] > 5 * block0["max_abs_weight_after"]
-    assert "float-exact FFN outlier split" in run.stdout
+    assert "float-exact FFN outlier split" in run.stdout and "ms @8" in run.stdout
 
 
 def test_no_split_flag_reaches_the_demo(monkeypatch, tmp_path):
@@ -137,3 +153,46 @@ def test_config_file_replaces_the_built_in_settings(tmp_path):
     (setting,) = demo_main.settings_from_file(good)
     assert setting.name == "custom" and "w4.json" in setting.label
     assert setting.config["retrain_weight_config"]["dst_type"] == "INT4"
+
+
+def test_settings_and_deployment_flags_reach_the_demo(monkeypatch, tmp_path, capsys):
+    seen = {}
+    monkeypatch.setattr(demo_main, "run_demo", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen["settings"] is None and not seen["peers"] and not seen["quantize_embeddings"]
+    assert cli.main(["demo", "--settings", "w4a8g,w4a8", "--group-size", "32", "--peers", "--quantize-embeddings",
+                     "--out", str(tmp_path)]) == 0
+    assert seen["settings"] == "w4a8g,w4a8" and seen["group_size"] == 32 and seen["peers"]
+    assert seen["quantize_embeddings"]
+    for argv, message in ((["--settings", "w8a8,w3a8"], "unknown setting(s) ['w3a8']"),
+                          (["--group-size", "48"], "expected 16, 32, 64 or 128"),
+                          (["--model", "crepe", "--peers"], "--peers: applies only to --model minilm"),
+                          (["--settings", "w8a8", "--config", "x.json"], "--config replaces the built-in settings")):
+        with pytest.raises(SystemExit):
+            cli.main(["demo", *argv, "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
+
+
+def test_parse_settings_builds_the_group_wise_setting():
+    from amct_pytorch.demo.run import DEFAULT_SETTINGS, Options, uses_split
+
+    assert [s.name for s in demo_main.parse_settings(DEFAULT_SETTINGS)] == ["w8a8", "w4a8g"]
+    w8, g32, pc = demo_main.parse_settings("w8a8, w4a8g ,w4a8", group_size=32)
+    assert g32.config["retrain_weight_config"]["group_size"] == 32 and "32 inputs" in g32.label
+    assert "group_size" not in pc.config["retrain_weight_config"]
+    opts = Options()
+    assert uses_split(w8.config, opts) and uses_split(pc.config, opts) and not uses_split(g32.config, opts)
+    with pytest.raises(ValueError, match="named twice"):
+        demo_main.parse_settings("w8a8,w8a8")
+
+
+def test_deployment_table_lists_every_artifact():
+    ort = {"mean_cos": 0.997, "min_cos": 0.99, "sentences": 246, "max_tokens": 80}
+    artifact = {"size_mb": 59.6, "ort": ort, "latency_ms": {"8": 50.0, "32": 200.0}, "x_float": {"8": 0.5, "32": 0.4}}
+    rep = {"deployment": {"onnxruntime": "1.x", "not_exported": {"w4a8": "no"},
+                          "latency": {"threads": 1, "reps": 5, "sentences": 64, "by_batch": {"8": {}, "32": {}}},
+                          "artifacts": {"float": dict(artifact, ort=dict(ort, mean_cos=1.0)),
+                                        "w8a8": dict(artifact, ort=dict(ort, max_abs_diff_vs_torch=0.01))}}}
+    text = report.deployment_table(rep)
+    assert "w8a8" in text and "59.6" in text and "0.9970" in text and "1.0e-02" in text and "(0.40)" in text
+    assert "w4a8         not exported: no" in text and "all 246 held-out sentences" in text

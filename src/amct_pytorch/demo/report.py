@@ -26,8 +26,38 @@ def table(report: dict) -> str:
                          f"{m['lee_pearson']:>9.4f} {m['lee_delta']:>+8.4f}  {spent}")
     split = report.get("outlier_split", {})
     if split.get("enabled"):
-        lines.append(f"PTQ and QAT quantize the model after a float-exact FFN outlier split: +{split['added_neurons']} "
-                     f"of {split['hidden_before']} hidden neurons, float min cos {split['float_min_cos_after_split']:.6f}")
+        which = ", ".join(s["name"] for s in report["settings"] if s.get("split_outliers", True))
+        lines.append(f"PTQ and QAT of {which} quantize the model after a float-exact FFN outlier split: "
+                     f"+{split['added_neurons']} of {split['hidden_before']} hidden neurons, float min cos "
+                     f"{split['float_min_cos_after_split']:.6f}")
+    if "deployment" in report:
+        lines += ["", deployment_table(report)]
+    return "\n".join(lines)
+
+
+def deployment_table(report: dict) -> str:
+    """One row per ONNX artifact: size, accuracy of the ORT-run file on every held-out sentence
+    (cosine to the float PyTorch model), and ORT latency with its ratio to the float artifact."""
+    d = report["deployment"]
+    timing = d["latency"]
+    batches = list(timing["by_batch"])
+    head = (f"{'artifact':<12} {'file MB':>8} {'ORT mean cos':>13} {'min cos':>8} {'vs PyTorch':>10}"
+            + "".join(f"  {'ms @' + b + ' (x float)':>20}" for b in batches))
+    lines = [head, "-" * len(head)]
+    for name, a in d["artifacts"].items():
+        ort = a["ort"]
+        diff = f"{ort['max_abs_diff_vs_torch']:.1e}" if "max_abs_diff_vs_torch" in ort else "-"
+        row = f"{name:<12} {a['size_mb']:>8.1f} {ort['mean_cos']:>13.4f} {ort['min_cos']:>8.4f} {diff:>10}"
+        for b in batches:
+            row += f"  {a['latency_ms'][b]:>11.1f} ({a['x_float'][b]:.2f})".rjust(22)
+        lines.append(row)
+    for name, err in d.get("not_exported", {}).items():
+        lines.append(f"{name:<12} not exported: {err}")
+    ort = next(iter(d["artifacts"].values()))["ort"]
+    lines.append(f"ONNX Runtime {d['onnxruntime']}, default session options; accuracy on all {ort['sentences']} "
+                 f"held-out sentences (up to {ort['max_tokens']} tokens; 'vs PyTorch' = max abs difference to the "
+                 f"exported model's eval output); latency: {timing['threads']} thread, median of {timing['reps']} "
+                 f"repetitions over the first {timing['sentences']} held-out sentences")
     return "\n".join(lines)
 
 
@@ -59,7 +89,8 @@ def write_plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = report["settings"]
-    rows = 1 + (len(settings) + 1) // 2
+    deployment = report.get("deployment")
+    rows = 1 + (len(settings) + 1) // 2 + (1 if deployment else 0)
     fig, axes = plt.subplots(rows, 2, figsize=(13, 4.2 * rows), squeeze=False)
     loss_ax, cos_ax = axes[0]
     for s in settings:
@@ -88,7 +119,9 @@ def write_plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if len(settings) % 2:
-        axes[-1][1].axis("off")
+        axes[1 + len(settings) // 2][1].axis("off")
+    if deployment:
+        _plot_deployment(axes[-1], deployment)
     fig.tight_layout()
 
     def write(tmp):
@@ -97,3 +130,27 @@ def write_plot(report: dict, path: Path) -> None:
         _replace_atomically(path, write)
     finally:
         plt.close(fig)
+
+
+def _plot_deployment(axes, deployment: dict) -> None:
+    """Accuracy of each ORT-run artifact against its file size; ORT latency per batch size."""
+    size_ax, time_ax = axes
+    artifacts = deployment["artifacts"]
+    for name, a in artifacts.items():
+        size_ax.scatter(a["size_mb"], a["ort"]["mean_cos"], s=30)
+        size_ax.annotate(name, (a["size_mb"], a["ort"]["mean_cos"]), textcoords="offset points", xytext=(4, 4),
+                         fontsize=8)
+    size_ax.set(title="ONNX Runtime: held-out mean cosine to the float model vs file size", xlabel="file MB",
+                ylabel="mean cosine")
+    size_ax.grid(alpha=0.3)
+    timing = deployment["latency"]
+    batches = list(timing["by_batch"])
+    names = list(artifacts)
+    width = 0.8 / max(1, len(batches))
+    for k, b in enumerate(batches):
+        time_ax.bar([i + k * width for i in range(len(names))], [artifacts[n]["latency_ms"][b] for n in names],
+                    width=width, label=f"batch {b}")
+    time_ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(names))], names, fontsize=8)
+    time_ax.set(title=f"ONNX Runtime latency, {timing['threads']} thread (median ms per batch)", ylabel="ms")
+    time_ax.grid(alpha=0.3, axis="y")
+    time_ax.legend(fontsize=8)

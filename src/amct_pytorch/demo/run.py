@@ -6,18 +6,23 @@ the same calibrated model without the fine-tuning.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import random
+import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..config import parse_config
-from ..convert import calibrate, qat_layers, to_qat
+from ..convert import QAT_CLASSES, calibrate, qat_layers, to_qat
 from ..outliers import split_outlier_channels
 from . import data as demo_data
 from .model import batches, embed, encode, ffn_pairs, pool, require, tokenize
@@ -35,12 +40,30 @@ class Setting:
     steps: int = 200  # QAT steps unless --steps overrides (INT4 weights need more to settle)
 
 
-SETTINGS = (
-    Setting("w8a8", "W8A8 per-tensor (seed default config)", {}, steps=150),
-    Setting("w4a8", "W4A8: INT4 per-channel ULQ weights, INT8 activations",
-            {"retrain_weight_config": {"dst_type": "INT4", "channel_wise": True,
-                                       "weights_retrain_algo": "ulq_quantize"}}, steps=300),
-)
+GROUP_SIZE = 64  # the w4a8g default: one INT4 scale per output row and 64 input features
+
+
+def w4a8_config(group_size: int | None = None) -> dict:
+    weights = {"dst_type": "INT4", "channel_wise": True, "weights_retrain_algo": "ulq_quantize"}
+    if group_size is not None:
+        weights["group_size"] = group_size
+    return {"retrain_weight_config": weights}
+
+
+def w4a8g(group_size: int = GROUP_SIZE, steps: int = 200) -> Setting:
+    return Setting("w4a8g", f"W4A8 group-wise: INT4 ULQ weights, one scale per row and {group_size} inputs, "
+                            "INT8 activations", w4a8_config(group_size), steps=steps)
+
+
+# Every built-in setting, by name (`--settings`); DEFAULT_SETTINGS run without options.
+SETTINGS = {
+    "w8a8": Setting("w8a8", "W8A8 per-tensor (seed default config)", {}, steps=150),
+    "w4a8g": w4a8g(),
+    "w4a8": Setting("w4a8", "W4A8: INT4 per-channel ULQ weights, INT8 activations", w4a8_config(), steps=300),
+}
+DEFAULT_SETTINGS = ("w8a8", "w4a8g")
+# --quantize-embeddings: the three embedding tables as weight-only INT8 per row (EmbeddingQAT)
+EMBEDDING_OVERRIDES = {"embeddings.*": {"retrain_weight_config": {"channel_wise": True}}}
 
 
 @dataclass
@@ -61,9 +84,17 @@ class Options:
     # one weight of 7.9 among weights of std 0.045 otherwise sets block 0's per-tensor INT8 step.
     split_outliers: bool = True
     split_ratio: float = 3.0
-    settings: tuple = SETTINGS
+    settings: tuple = tuple(SETTINGS[name] for name in DEFAULT_SETTINGS)
     progress: bool = True
     amp: str = "fp32"  # "bf16": QAT training forwards under torch.autocast(device, bfloat16)
+    quantize_embeddings: bool = False  # also the embedding tables (INT8 per row, weight only)
+    # deployment report: ORT latency (1 thread) on the first `latency_sentences` held-out
+    # sentences in batches of `latency_batches`, `latency_reps` interleaved repetitions
+    latency_batches: tuple = (8, 32)
+    latency_sentences: int = 64
+    latency_reps: int = 5
+    latency_threads: int = 1
+    peers: bool = False  # ORT quantize_dynamic / quantize_static rows of the float model
 
 
 @dataclass
@@ -113,15 +144,22 @@ class Evaluator:
     def cosines(self, model) -> torch.Tensor:
         return (encode(model, self.eval_batches) * self.reference).sum(1)
 
-    def __call__(self, model) -> dict[str, float]:
-        cos = self.cosines(model)
+    def accuracy(self, embeddings: torch.Tensor) -> dict[str, float]:
+        """Mean and min cosine of held-out embeddings (text order) to the float model's."""
+        cos = (embeddings * self.reference).sum(1)
+        return {"mean_cos": float(cos.mean()), "min_cos": float(cos.min())}
+
+    def __call__(self, model, keep: dict | None = None) -> dict[str, float]:
+        emb = encode(model, self.eval_batches)
+        if keep is not None:
+            keep["embeddings"] = emb
         lee = self.lee_pearson(model)
-        return {"mean_cos": float(cos.mean()), "min_cos": float(cos.min()), "lee_pearson": lee,
-                "lee_delta": lee - self.float_lee}
+        return {**self.accuracy(emb), "lee_pearson": lee, "lee_delta": lee - self.float_lee}
 
 
 def clip_ranges(model) -> dict[str, list[float]]:
-    return {name: [m.acts_clip_min.item(), m.acts_clip_max.item()] for name, m in qat_layers(model).items()}
+    return {name: [m.acts_clip_min.item(), m.acts_clip_max.item()] for name, m in qat_layers(model).items()
+            if hasattr(m, "acts_clip_min")}  # embedding tables have no activation
 
 
 def _progress(total, desc, enabled):
@@ -175,10 +213,18 @@ def train(student, tokenizer, texts, targets, evaluator, opts: Options, steps: i
     return history
 
 
+def uses_split(config, opts: Options) -> bool:
+    """The outlier split adds FFN neurons (1536 -> 1536 + k inputs of FFN-out), which a group_size
+    must divide; group-wise scales confine an outlier to its own group anyway: no split there."""
+    return opts.split_outliers and parse_config(config).retrain_weight_config.group_size is None
+
+
 def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evaluator, opts: Options) -> dict:
     timer = Timer()
     steps = opts.steps or setting.steps
     config = parse_config(setting.config)
+    overrides = EMBEDDING_OVERRIDES if opts.quantize_embeddings else None
+    layer_types = [*QAT_CLASSES, nn.Embedding] if opts.quantize_embeddings else None
     rng = random.Random(opts.seed)
     size = min(opts.calib_size, len(train_texts))
     calib_batches = [tokenize(tokenizer, rng.sample(train_texts, size))
@@ -186,7 +232,7 @@ def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evalua
 
     with timer("calibrate"):
         ptq = copy.deepcopy(model)
-        summary = to_qat(ptq, config, skip=SKIP)
+        summary = to_qat(ptq, config, skip=SKIP, overrides=overrides, layer_types=layer_types)
         calibrate(ptq, calib_batches, progress=opts.progress)
     with timer("ptq_eval"):
         ptq_metrics = evaluator(ptq)
@@ -194,14 +240,16 @@ def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evalua
     student = copy.deepcopy(ptq)  # QAT starts from the PTQ (calibrated) state
     with timer("train"):
         history = train(student, tokenizer, train_texts, targets, evaluator, opts, steps)
+    kept = {}
     with timer("qat_eval"):
-        qat_metrics = evaluator(student)
+        qat_metrics = evaluator(student, keep=kept)
     return {
         "name": setting.name, "label": setting.label, "config": config.to_dict(),
         "converted": len(summary.converted), "left_float": summary.skipped,
+        "embeddings_quantized": opts.quantize_embeddings,
         "ptq": ptq_metrics, "qat": qat_metrics, "times_s": timer.times, "history": history, "steps": steps,
         "clip_ranges": {"before": before, "after": clip_ranges(student)},
-        "_student": student,
+        "_student": student, "_embeddings": kept["embeddings"],
     }
 
 
@@ -226,30 +274,153 @@ def split_model(model, evaluator, opts: Options) -> tuple[nn.Module, dict]:
         "time_s": round(time.perf_counter() - start, 2)}
 
 
-def export_check(student, tokenizer, texts, path) -> dict[str, Any]:
-    """Export the QAT encoder to ONNX QDQ and compare ONNX Runtime with PyTorch eval."""
-    from ..export import export_onnx, ort_session
+# ---- deployment: ONNX artifacts, ONNX Runtime accuracy, size and latency ----------------------
+THIRD_PARTY_LOGS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx",
+                    "torch._export", "onnxruntime", "root")
 
-    encoder = SentenceEncoder(student).eval()
+
+@contextlib.contextmanager
+def quiet_third_party():
+    """Silence what the exporters and ORT's quantization tools print (torch's pytree FutureWarnings,
+    onnxscript's constant-folding logs, ORT's 'run pre-processing' hints): the demo's output is its
+    own. Warnings raised from amct_pytorch itself still show."""
+    loggers = [logging.getLogger(None if name == "root" else name) for name in THIRD_PARTY_LOGS]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("default", module=r"amct_pytorch(\.|$)")
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
+
+
+def export_encoder(model, tokenizer, texts, path) -> dict[str, Any]:
+    """Export `model` as SentenceEncoder(input_ids, attention_mask) -> embedding, batch and sequence
+    dynamic (one artifact for every length), quantized weights stored as integers."""
+    from ..export import export_onnx
+
+    encoder = SentenceEncoder(model).eval()
     batch = tokenize(tokenizer, texts)
-    inputs = (batch["input_ids"], batch["attention_mask"])
     start = time.perf_counter()
-    # onnxscript's constant folder logs a harmless "Evaluation failed" for shape ops it skips
-    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
-    level = folding_log.level
-    folding_log.setLevel(logging.ERROR)
-    try:  # rounding ties can move one activation by a grid step: check=False, measured below
-        export_onnx(encoder, inputs, path, check=False)
-    finally:
-        folding_log.setLevel(level)
-    session = ort_session(path)
-    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
-    got = torch.from_numpy(session.run(None, feed)[0])
-    with torch.no_grad():
-        want = encoder(*inputs)
-    return {"path": str(path), "sentences": len(texts), "max_abs_diff": float((got - want).abs().max()),
-            "min_cos_ort_vs_torch": float(torch.nn.functional.cosine_similarity(got, want).min()),
-            "time_s": round(time.perf_counter() - start, 2)}
+    with quiet_third_party():  # check=False: ORT is compared on every held-out sentence below
+        result = export_onnx(encoder, (batch["input_ids"], batch["attention_mask"]), path, check=False)
+    return {"path": str(path), "size_mb": round(os.path.getsize(path) / 1e6, 2),
+            "dynamic_dims": [list(d) for d in result.dynamic_dims],
+            "export_time_s": round(time.perf_counter() - start, 2)}
+
+
+def ort_session(path, threads: int | None = None):
+    """An ORT CPU session with default options; `threads` pins the intra-op thread count."""
+    import onnxruntime as ort
+
+    from ..export import ort_session as default_session
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return default_session(path, so)
+
+
+def _feed(session, batch) -> dict:
+    ids, mask = (i.name for i in session.get_inputs())
+    return {ids: batch["input_ids"].numpy(), mask: batch["attention_mask"].numpy()}
+
+
+def ort_encode(session, tokenized) -> torch.Tensor:
+    """Embeddings from ORT of pre-tokenized batches (`model.batches`), in the original text order."""
+    parts, order = [], []
+    for b in tokenized:
+        parts.append(torch.from_numpy(session.run(None, _feed(session, b))[0]))
+        order.append(b["order"])
+    out = torch.empty(sum(len(o) for o in order), parts[0].shape[1])
+    out[torch.cat(order)] = torch.cat(parts)
+    return out
+
+
+def ort_accuracy(path, evaluator, torch_embeddings=None) -> dict[str, Any]:
+    """The ORT-run artifact on every held-out sentence, each batch at its own padded length:
+    cosine to the float PyTorch model's embeddings, and (when given) the difference to the
+    PyTorch model it was exported from."""
+    start = time.perf_counter()
+    got = ort_encode(ort_session(path), evaluator.eval_batches)
+    out = {**evaluator.accuracy(got), "sentences": len(got),
+           "max_tokens": max(int(b["input_ids"].shape[1]) for b in evaluator.eval_batches)}
+    if torch_embeddings is not None:
+        out["max_abs_diff_vs_torch"] = float((got - torch_embeddings).abs().max())
+        out["min_cos_vs_torch"] = float(torch.nn.functional.cosine_similarity(got, torch_embeddings).min())
+    out["eval_time_s"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def time_artifacts(sessions: dict, feeds: list[dict], reps: int, warmup: int = 1) -> dict[str, dict]:
+    """{name: {"median_ms": ms per batch, "per_rep_ms": [...]}}. Every artifact runs the same batches;
+    the artifacts take turns within each repetition (machine noise hits all alike); a repetition's
+    time is the mean over its batches, the result the median over repetitions."""
+    for s in sessions.values():
+        for _ in range(warmup):
+            for f in feeds:
+                s.run(None, _feed(s, f))
+    times = {name: [] for name in sessions}
+    names = list(sessions)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            s = sessions[name]
+            fed = [_feed(s, f) for f in feeds]
+            start = time.perf_counter()
+            for f in fed:
+                s.run(None, f)
+            times[name].append(round((time.perf_counter() - start) * 1e3 / len(feeds), 3))
+    return {name: {"median_ms": statistics.median(t), "per_rep_ms": t} for name, t in times.items()}
+
+
+def latency(paths: dict[str, str], tokenizer, texts, opts: Options) -> dict[str, Any]:
+    """ORT latency of every artifact, `opts.latency_threads` intra-op thread(s), per batch size:
+    consecutive held-out sentences, each batch padded to its own longest sentence."""
+    start = time.perf_counter()
+    texts = texts[:opts.latency_sentences]
+    sessions = {name: ort_session(p, opts.latency_threads) for name, p in paths.items()}
+    out = {}
+    for b in opts.latency_batches:
+        feeds = [tokenize(tokenizer, texts[k:k + b]) for k in range(0, len(texts) - b + 1, b)]
+        if feeds:
+            out[str(b)] = {"batches": len(feeds), **time_artifacts(sessions, feeds, opts.latency_reps)}
+    return {"threads": opts.latency_threads, "reps": opts.latency_reps, "sentences": len(texts),
+            "by_batch": out, "time_s": round(time.perf_counter() - start, 2)}
+
+
+def peer_dynamic(float_path, out) -> Path:
+    """ORT's own dynamic quantization of the float artifact: INT8 per-channel weights (MatMul and
+    the embedding Gather), activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_third_party():
+        quantize_dynamic(str(float_path), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    return Path(out)
+
+
+def peer_static(float_path, out, calib_batches) -> Path:
+    """ORT's static quantization of the float artifact: QDQ, INT8 per-channel weights, INT8
+    activations calibrated (MinMax, ORT's default) on the sentences the QAT settings calibrate on."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calib_batches)
+
+        def get_next(self):
+            b = next(self.items, None)
+            return None if b is None else {"input_0": b["input_ids"].numpy(), "input_1": b["attention_mask"].numpy()}
+
+    with quiet_third_party():
+        quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return Path(out)
 
 
 def prepare(opts: Options, timer: Timer):
