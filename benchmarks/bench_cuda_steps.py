@@ -80,10 +80,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--json", type=Path)
     p.add_argument("--granularity", default="tensor,channel", help="comma-separated: tensor, channel")
+    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
+                   help="comma-separated NxINxOUT")
     args = p.parse_args(argv)
+    # one compiled module per shape and config: more than dynamo's default recompile limit of one function
+    torch._dynamo.config.recompile_limit = 64
     dev = torch.device("cuda")
     rows, syncs = [], {}
-    for n, i, o in SHAPES:
+    for n, i, o in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:
         torch.manual_seed(0)
         x = torch.randn(n, i, device=dev, requires_grad=True)
         g = torch.randn(n, o, device=dev)
