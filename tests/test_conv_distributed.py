@@ -3,17 +3,14 @@
 The pooling code is shared with LinearQAT (base.QATModuleMixin); this checks it through
 conv layers, whose inputs are 4-d and whose ranks hold different local batch sizes.
 """
-import datetime
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+
+from gloo_ranks import run_ranks
 from amct_pytorch import Conv2dQAT, ConvTranspose2dQAT, calibrating
 
 LOCAL = (2, 3)  # local batch sizes of rank 0 and rank 1
@@ -60,25 +57,9 @@ def run(rank, world):
     return record
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.save(run(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_conv")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(run, tmp_path_factory.mktemp("ddp_conv"))
 
 
 def test_conv_ranks_agree_bit_for_bit_and_pool_calibration(two_ranks):

@@ -12,18 +12,16 @@ an optimizer that is linear in the gradient (SGD). Adam divides each gradient el
 own magnitude: a near-zero gradient whose sign flips with the summation order moves that
 parameter by a full learning-rate step, so Adam runs are compared between ranks only.
 """
-import datetime
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+
+from gloo_ranks import run_ranks
 from amct_pytorch import LinearQAT, calibrating
 from amct_pytorch.functional import fake_quant_weight
 
@@ -126,22 +124,8 @@ def run_scenario(name, rank, world, device="cpu", optimizer="adam"):
     return record
 
 
-def _worker(rank, world, port, out_dir, device):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        records = {(name, opt): run_scenario(name, rank, world, device, opt) for name in SCENARIOS for opt in OPTIMIZERS}
-        torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _all_scenarios(rank, world, device):
+    return {(name, opt): run_scenario(name, rank, world, device, opt) for name in SCENARIOS for opt in OPTIMIZERS}
 
 
 def _assert_same(a, b, what):
@@ -154,8 +138,7 @@ def _assert_same(a, b, what):
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     device = os.environ.get("AMCT_TEST_DDP_DEVICE", "cpu")  # gloo also carries CUDA tensors
-    mp.spawn(_worker, args=(2, _free_port(), str(out), device), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(_all_scenarios, out, device)
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))

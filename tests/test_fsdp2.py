@@ -4,16 +4,14 @@ Calibration is pooled over the ranks (as under DDP); the clip bounds and the ULQ
 scale written inside a forward reach the shards; after training every rank holds the same
 (gathered) parameters and buffers; torch.distributed.checkpoint save/load resumes exactly.
 """
-import datetime
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
+
+from gloo_ranks import run_ranks
 from amct_pytorch import LinearQAT, calibrating
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -108,29 +106,14 @@ def run(name, rank, world, ckpt_dir=None):
     return record
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        records = {name: run(name, rank, world, os.path.join(out_dir, f"ckpt_{name}")) for name in CONFIGS}
-        torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _all_configs(rank, world, out_dir):
+    return {name: run(name, rank, world, os.path.join(out_dir, f"ckpt_{name}")) for name in CONFIGS}
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(_all_configs, out, str(out))
 
 
 def _same(a, b, what):

@@ -37,6 +37,13 @@ def _check_common(in_channels, out_channels, dtype, device, config):
     return check_device(device), cfg
 
 
+def _conv_kwargs(mod) -> dict:
+    """The constructor arguments of a (QAT or float) conv layer, bias and device aside."""
+    return dict(in_channels=mod.in_channels, out_channels=mod.out_channels, kernel_size=mod.kernel_size,
+                stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
+                padding_mode=mod.padding_mode)
+
+
 class _ConvQATBase(QATModuleMixin):
     _ND: int
 
@@ -89,9 +96,7 @@ class _ConvNdQAT(_ConvQATBase):
 
     @staticmethod
     def _float_kwargs(mod):
-        return dict(in_channels=mod.in_channels, out_channels=mod.out_channels, kernel_size=mod.kernel_size,
-                    stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
-                    padding_mode=mod.padding_mode)
+        return _conv_kwargs(mod)
 
     def _weight_layout(self) -> WeightLayout:
         return rows_layout(self.weight.shape)
@@ -133,9 +138,7 @@ class _ConvTransposeNdQAT(_ConvQATBase):
 
     @staticmethod
     def _float_kwargs(mod):
-        return dict(in_channels=mod.in_channels, out_channels=mod.out_channels, kernel_size=mod.kernel_size,
-                    stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups,
-                    padding_mode=mod.padding_mode, output_padding=mod.output_padding)
+        return {**_conv_kwargs(mod), "output_padding": mod.output_padding}
 
     def _weight_layout(self) -> WeightLayout:
         # weight (in, out/g, *k): output channel g*(out/g) + j is weight[g*(in/g):(g+1)*(in/g), j]
