@@ -413,7 +413,9 @@ class QATModuleMixin:
         if self.weight.dtype != torch.float32 or self.acts_clip_max.dtype != torch.float32:
             raise TypeError(
                 f"module: {name} supports only torch.float32 parameters, but it holds {self.weight.dtype} "
-                "(cast by .double()/.half()/.to(dtype)?); call .float() on it"
+                "(cast by .double()/.half()/.to(dtype)?); call .float() on it. Under FSDP2's "
+                "MixedPrecisionPolicy(param_dtype=...), shard each QAT layer with its own fully_shard(layer, "
+                "mp_policy=MixedPrecisionPolicy(param_dtype=None)) so its clip bounds and scales stay float32"
             )
         self._check_input_shape(x)
         if x.numel() == 0:
