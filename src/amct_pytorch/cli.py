@@ -41,14 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="--model minilm (default): convert every used Linear of all-MiniLM-L6-v2 to LinearQAT, then "
                     "compare float, PTQ and QAT (cosine-distilled from the float model) for W8A8 per-tensor and "
                     "W4A8 group-wise, export each to ONNX and report its size, ONNX Runtime accuracy on all "
-                    "held-out sentences and latency (docs/minilm_demo.md). --model crepe: convert every Conv1d and the classifier of the pretrained "
+                    "held-out sentences and latency (docs/minilm_demo.md). --model crepe: convert every Conv1d and "
+                    "the classifier of the pretrained "
                     "CREPE pitch estimator (tiny) and compare float, PTQ and QAT (distilled from the float "
                     "saliences on synthesized tones) for W8A8 and W4A8 per-tensor by raw pitch accuracy. "
                     "Prints a table and writes report.json, plot.png and ONNX models.")
     demo.add_argument("--model", choices=("minilm", "crepe"), default="minilm",
                       help="which pretrained model: minilm (default) or crepe (see docs/crepe_demo.md)")
     demo.add_argument("--steps", type=_positive,
-                      help="QAT training steps for every setting (default minilm: w8a8 150, w4a8g 200, w4a8 300, "
+                      help="QAT training steps for every setting (default minilm: w8a8 150, w4a8g 180, w4a8 300, "
                            "--config 200; "
                            "quick 6; crepe: w8a8 60, w4a8 150, --config 200; quick 4)")
     demo.add_argument("--batch-size", type=_positive,
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="minilm only: built-in settings to run, comma-separated, from w8a8 (INT8 per-tensor), "
                            "w4a8g (INT4 group-wise weights), w4a8 (INT4 per-channel weights); default w8a8,w4a8g")
     demo.add_argument("--group-size", type=_group_size,
-                      help="minilm only: the w4a8g group size (16, 32, 64 or 128; default 64)")
+                      help="minilm only: the w4a8g group size (16, 32, 64 or 128; default 32)")
     demo.add_argument("--peers", action="store_true",
                       help="minilm only: also quantize the float ONNX model with ONNX Runtime's quantize_dynamic "
                            "and quantize_static (per-channel) and report them alongside")

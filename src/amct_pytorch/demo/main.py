@@ -111,8 +111,8 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
         except RuntimeError as err:  # e.g. a layer kind this version's export_onnx does not write yet
             errors[setting.name] = str(err).splitlines()[0]
             result["onnx"] = {"error": errors[setting.name]}
-            log(f"[{setting.name}] PTQ mean cos {result['ptq']['mean_cos']:.4f} -> QAT {result['qat']['mean_cos']:.4f}; "
-                f"not exported: {errors[setting.name]}")
+            log(f"[{setting.name}] PTQ mean cos {result['ptq']['mean_cos']:.4f} -> "
+                f"QAT {result['qat']['mean_cos']:.4f}; not exported: {errors[setting.name]}")
         else:
             result["onnx"]["ort"] = ort_accuracy(onnx_path, evaluator, torch_emb)
             artifacts[setting.name] = {"kind": "qat", "label": setting.label, **result["onnx"]}

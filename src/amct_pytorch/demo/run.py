@@ -40,7 +40,7 @@ class Setting:
     steps: int = 200  # QAT steps unless --steps overrides (INT4 weights need more to settle)
 
 
-GROUP_SIZE = 64  # the w4a8g default: one INT4 scale per output row and 64 input features
+GROUP_SIZE = 32  # the w4a8g default: one INT4 scale per output row and 32 input features
 
 
 def w4a8_config(group_size: int | None = None) -> dict:
@@ -50,7 +50,7 @@ def w4a8_config(group_size: int | None = None) -> dict:
     return {"retrain_weight_config": weights}
 
 
-def w4a8g(group_size: int = GROUP_SIZE, steps: int = 200) -> Setting:
+def w4a8g(group_size: int = GROUP_SIZE, steps: int = 180) -> Setting:
     return Setting("w4a8g", f"W4A8 group-wise: INT4 ULQ weights, one scale per row and {group_size} inputs, "
                             "INT8 activations", w4a8_config(group_size), steps=steps)
 
@@ -58,7 +58,7 @@ def w4a8g(group_size: int = GROUP_SIZE, steps: int = 200) -> Setting:
 # Every built-in setting, by name (`--settings`); DEFAULT_SETTINGS run without options.
 SETTINGS = {
     "w8a8": Setting("w8a8", "W8A8 per-tensor (seed default config)", {}, steps=150),
-    "w4a8g": w4a8g(),
+    "w4a8g": w4a8g(GROUP_SIZE, steps=180),
     "w4a8": Setting("w4a8", "W4A8: INT4 per-channel ULQ weights, INT8 activations", w4a8_config(), steps=300),
 }
 DEFAULT_SETTINGS = ("w8a8", "w4a8g")
@@ -404,9 +404,22 @@ def peer_dynamic(float_path, out) -> Path:
     return Path(out)
 
 
+def weight_matmuls(path) -> list[str]:
+    """The MatMul nodes with a weight initializer (the Linear layers, what QAT quantizes); not the
+    attention's activation x activation MatMuls."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+
+
 def peer_static(float_path, out, calib_batches) -> Path:
     """ORT's static quantization of the float artifact: QDQ, INT8 per-channel weights, INT8
-    activations calibrated (MinMax, ORT's default) on the sentences the QAT settings calibrate on."""
+    activations calibrated (MinMax, ORT's default) on the sentences the QAT settings calibrate on.
+    Like the QAT settings it quantizes the Linear MatMuls only: with ORT's default op list (every
+    MatMul, Add, Gather, Softmax ...), MinMax calibration left a mean cosine of 0.38 (48 held-out
+    sentences)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -419,7 +432,8 @@ def peer_static(float_path, out, calib_batches) -> Path:
 
     with quiet_third_party():
         quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=weight_matmuls(float_path))
     return Path(out)
 
 
