@@ -130,7 +130,7 @@ def _pinned_qparams(model: nn.Module):
     """
     from .nn.module.quantization.embedding import EmbeddingQAT
 
-    table = {id(m): module_qparams(m) for _, m in _qat_modules(model)}
+    table = {id(m): _pinned_layout(m, module_qparams(m)) for _, m in _qat_modules(model)}
     table.update({id(m): m.quantized_table() for m in model.modules()
                   if isinstance(m, EmbeddingQAT) and m.config.retrain_enable})
     global _EXPORT_ONNX_ACTIVE
@@ -141,6 +141,16 @@ def _pinned_qparams(model: nn.Module):
     finally:
         _PINNED.reset(token)
         _EXPORT_ONNX_ACTIVE = was_active
+
+
+def _pinned_layout(module, q: QParams) -> QParams:
+    """Group-wise scales pinned already shaped (rows, blocks): reshaping the constant inside the traced
+    graph leaves a Reshape that the exporter does not always fold, and the weight folding needs a
+    constant scale."""
+    group = module.config.retrain_weight_config.group_size
+    if group is None:
+        return q
+    return q._replace(weight_scale=q.weight_scale.reshape(module.out_features, module.in_features // group).clone())
 
 
 def export_context_active() -> bool:
@@ -193,7 +203,7 @@ def export_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if q is not None and not torch.jit.is_tracing() and group is not None:
         # group-wise: an opset-21 blocked Q/DQ, one scale per (output row, block of input features)
         xq = quant_dequant(x, q.act_scale, [int(q.act_offset)], -1, q.act_bits)
-        w_scale = q.weight_scale.reshape(module.out_features, module.in_features // group)
+        w_scale = q.weight_scale  # (rows, blocks), see _pinned_layout
         wq = quant_dequant_blocked(module.weight, w_scale, group, q.weight_bits)
         return module._float_apply(xq, wq, *args, **kwargs)
     if group is not None:
