@@ -50,7 +50,7 @@ def w4a8_config(group_size: int | None = None) -> dict:
     return {"retrain_weight_config": weights}
 
 
-def w4a8g(group_size: int = GROUP_SIZE, steps: int = 180) -> Setting:
+def w4a8g(group_size: int = GROUP_SIZE, steps: int = 150) -> Setting:
     return Setting("w4a8g", f"W4A8 group-wise: INT4 ULQ weights, one scale per row and {group_size} inputs, "
                             "INT8 activations", w4a8_config(group_size), steps=steps)
 
@@ -58,7 +58,7 @@ def w4a8g(group_size: int = GROUP_SIZE, steps: int = 180) -> Setting:
 # Every built-in setting, by name (`--settings`); DEFAULT_SETTINGS run without options.
 SETTINGS = {
     "w8a8": Setting("w8a8", "W8A8 per-tensor (seed default config)", {}, steps=150),
-    "w4a8g": w4a8g(GROUP_SIZE, steps=180),
+    "w4a8g": w4a8g(GROUP_SIZE, steps=150),
     "w4a8": Setting("w4a8", "W4A8: INT4 per-channel ULQ weights, INT8 activations", w4a8_config(), steps=300),
 }
 DEFAULT_SETTINGS = ("w8a8", "w4a8g")
