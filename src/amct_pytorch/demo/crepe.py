@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 SAMPLE_RATE = 16000  # Hz
 FRAME = 1024  # samples per frame (64 ms)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
@@ -14,7 +13,7 @@ from . import crepe_data
 from .crepe_report import table, write_plot
 from .crepe_run import BN_MODES, CrepeOptions, Setting, export_check, export_float, ort_latency, prepare, run_setting
 from .main import settings_from_file
-from .report import write_json
+from .report import fresh_output_dir, write_json
 from .run import Timer
 
 QUICK = dict(steps=4, batch_size=16, calib_frames=16, eval_frames=512, curve_frames=128, eval_points=1,
@@ -42,10 +41,7 @@ def run_crepe_demo(out="amct_qat_out", steps=None, batch_size=None, config=None,
                        bn_compare="custom" if compare_batchnorm else None)
     if overrides:
         opts = replace(opts, **overrides)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (REPORT, PLOT):  # a report in `out` always belongs to a finished run
-        (out / name).unlink(missing_ok=True)
+    out = fresh_output_dir(out, (REPORT, PLOT))
 
     start = time.perf_counter()
     timer = Timer()

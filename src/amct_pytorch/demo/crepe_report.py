@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import _replace_atomically
+from .report import save_figure
 
 
 def table(report: dict) -> str:
@@ -73,10 +73,4 @@ def write_plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-
-    def write(tmp):
-        fig.savefig(tmp, format="png", dpi=90)
-    try:
-        _replace_atomically(path, write)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

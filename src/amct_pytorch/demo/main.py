@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import parse_config
-from .report import table, write_json, write_plot
+from .report import fresh_output_dir, table, write_json, write_plot
 from .model import tokenize
 from .run import (DEFAULT_SETTINGS, SETTINGS, Options, Setting, Timer, export_encoder, latency, ort_accuracy,
                   peer_dynamic, peer_static, prepare, quiet_third_party, run_setting, split_model, uses_split, w4a8g)
@@ -70,10 +70,7 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
         opts = replace(opts, batch_size=batch_size)
     if config is not None:
         opts = replace(opts, settings=settings_from_file(config))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (REPORT, PLOT):  # a report in `out` always belongs to a finished run
-        (out / name).unlink(missing_ok=True)
+    out = fresh_output_dir(out, (REPORT, PLOT))
 
     start = time.perf_counter()
     timer = Timer()

@@ -71,6 +71,28 @@ def _replace_atomically(path: Path, write) -> None:
             tmp.unlink()
 
 
+def fresh_output_dir(out, names) -> Path:
+    """Create `out` and delete the files `names` from an earlier run: a report in `out` always
+    belongs to a finished run (they are written under temporary names and renamed at the end)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    def write(tmp):
+        fig.savefig(tmp, format="png", dpi=90)
+    try:
+        _replace_atomically(path, write)
+    finally:
+        plt.close(fig)
+
+
 def write_json(report: dict, path: Path) -> None:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
@@ -123,13 +145,7 @@ def write_plot(report: dict, path: Path) -> None:
     if deployment:
         _plot_deployment(axes[-1], deployment)
     fig.tight_layout()
-
-    def write(tmp):
-        fig.savefig(tmp, format="png", dpi=90)
-    try:
-        _replace_atomically(path, write)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_deployment(axes, deployment: dict) -> None:
