@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_linear import _torch_ao  # noqa: E402
+from bench_linear import _eval_forward, _torch_ao, _train_step  # noqa: E402
 
 from amct_pytorch import LinearQAT, calibrating  # noqa: E402
 
@@ -42,25 +42,10 @@ def timed(fn, reps, warmup):
     return statistics.median(times)
 
 
-def make_step(mod, x, g):
-    def step():
-        for p in mod.parameters():
-            p.grad = None
-        mod(x).backward(g)
-    return step
-
-
-def make_eval(mod, x):
-    def run():
-        with torch.no_grad():
-            mod(x)
-    return run
-
-
 def sync_check(mod, x, g):
     """'ok' when a training step and an eval forward make no host synchronisation."""
     results = {}
-    for name, fn in (("train", make_step(mod, x, g)), ("eval", make_eval(mod, x))):
+    for name, fn in (("train", _train_step(mod, x, g)), ("eval", _eval_forward(mod, x))):
         mod.train(name == "train")
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -92,8 +77,8 @@ def main(argv=None):
         x = torch.randn(n, i, device=dev, requires_grad=True)
         g = torch.randn(n, o, device=dev)
         base = nn.Linear(i, o, device=dev)
-        base_train = timed(make_step(base, x, g), args.reps, args.warmup)
-        base_eval = timed(make_eval(base, x), args.reps, args.warmup)
+        base_train = timed(_train_step(base, x, g), args.reps, args.warmup)
+        base_eval = timed(_eval_forward(base, x), args.reps, args.warmup)
         impls = {}
         for gran in args.granularity.split(","):
             cfg = {"retrain_weight_config": {"channel_wise": gran == "channel"}}
@@ -115,9 +100,9 @@ def main(argv=None):
         for name, mod in impls.items():
             try:
                 mod.train()
-                train = timed(make_step(mod, x, g), args.reps, args.warmup)
+                train = timed(_train_step(mod, x, g), args.reps, args.warmup)
                 mod.eval()
-                evl = timed(make_eval(mod, x), args.reps, args.warmup)
+                evl = timed(_eval_forward(mod, x), args.reps, args.warmup)
             except Exception as err:  # report, do not stop the whole run
                 if not any("error" in r for r in rows):  # the first failure in full, for diagnosis
                     import traceback
