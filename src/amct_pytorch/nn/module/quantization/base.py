@@ -593,6 +593,11 @@ class QATModuleMixin:
             state_dict[key] = histogram_from_counts(saved, state_dict.get(prefix + "calib_range", self.calib_range))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._sync_host_state()
+
+    def _sync_host_state(self) -> None:
+        """Refresh the host-side mirrors of the state buffers after those were replaced from outside
+        (load_state_dict, or a loader that assigns each tensor, e.g. transformers' from_pretrained)."""
         self._calibrated = bool(self.calib_done)
         self._wts_ready = bool(self.wts_scale_ready) if hasattr(self, "wts_scale_ready") else False
         self._finished_in_forward = False
