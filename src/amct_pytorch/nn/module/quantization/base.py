@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ....config import QATConfig, parse_config
 from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
-from ....fsdp import write_param
+from ....fsdp import low_precision_params_error, write_param
 from ....functional import EPS, WeightLayout, act_qparams, arq_scale, fake_quant_weight, ulq_weight_scale
 from ....ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
 from ....qat_function import QuantSpec, WeightCache, qat_apply
@@ -411,12 +411,9 @@ class QATModuleMixin:
             raise TypeError(f"input: expected dtype torch.float32 (or bfloat16/float16, computed in float32), "
                             f"got {x.dtype}")
         if self.weight.dtype != torch.float32 or self.acts_clip_max.dtype != torch.float32:
-            raise TypeError(
-                f"module: {name} supports only torch.float32 parameters, but it holds {self.weight.dtype} "
-                "(cast by .double()/.half()/.to(dtype)?); call .float() on it. Under FSDP2's "
-                "MixedPrecisionPolicy(param_dtype=...), shard each QAT layer with its own fully_shard(layer, "
-                "mp_policy=MixedPrecisionPolicy(param_dtype=None)) so its clip bounds and scales stay float32"
-            )
+            # before any state changes; under FSDP2 the message names fully_shard_qat
+            param = "weight" if self.weight.dtype != torch.float32 else "acts_clip_max"
+            raise low_precision_params_error(self, param, getattr(self, param).dtype)
         self._check_input_shape(x)
         if x.numel() == 0:
             raise ValueError(f"input: empty batch of shape {tuple(x.shape)}")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ....config import DataQuantConfig, QATConfig, parse_config
 from ....functional import arq_scale, fake_quant_weight, int_range, rows_layout, ulq_weight_scale
+from ....fsdp import low_precision_params_error
 from .base import _FORCE, _exporting, _torch_exporting, check_device, check_dtype, positive_int
 
 __all__ = ["EmbeddingQAT"]
@@ -132,8 +133,7 @@ class EmbeddingQAT(nn.Embedding):
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input: expected int64 or int32 token ids, got {ids.dtype}")
         if self.weight.dtype != torch.float32:
-            raise TypeError(f"module: EmbeddingQAT supports only torch.float32 parameters, but it holds "
-                            f"{self.weight.dtype}; call .float() on it")
+            raise low_precision_params_error(self, "weight", self.weight.dtype)
 
     def forward(self, ids):
         if not self.config.retrain_enable:
