@@ -108,8 +108,40 @@ def run(name, rank, world, ckpt_dir=None):
     return record
 
 
+EMB_CONFIG = {"retrain_weight_config": {"weights_retrain_algo": "ulq_quantize", "channel_wise": True}}
+VOCAB = 10
+
+
+def run_embedding(rank, world):
+    """EmbeddingQAT with a learnable per-row scale (initialised from ARQ inside its first training
+    forward) feeding a LinearQAT; two training steps on token ids."""
+    from amct_pytorch import EmbeddingQAT
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(EmbeddingQAT(VOCAB, IN, config=EMB_CONFIG),
+                          LinearQAT(IN, OUT, config={"retrain_data_config": {"batch_num": 1}})).train()
+    if world > 1:
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (sum(LOCAL_ROWS), 3), generator=gen)
+    target = torch.randn(sum(LOCAL_ROWS), 3, OUT, generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with calibrating(), torch.no_grad():
+        model(_local(ids, rank, world))
+    states = []
+    for _ in range(2):
+        _step(model, opt, ids, target, rank, world)
+        states.append(_full_state(model))
+    return states
+
+
 def _all_configs(rank, world, out_dir):
-    return {name: run(name, rank, world, os.path.join(out_dir, f"ckpt_{name}")) for name in CONFIGS}
+    out = {name: run(name, rank, world, os.path.join(out_dir, f"ckpt_{name}")) for name in CONFIGS}
+    out["embedding"] = run_embedding(rank, world)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +183,18 @@ def test_pooled_calibration_and_training_match_one_process(two_ranks, name):
     for a, b in zip(double["steps"], single["steps"]):
         for k in b:
             torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_embedding_qat_learnable_scale_initialised_in_forward_reaches_the_shards(two_ranks):
+    single = run_embedding(0, 1)
+    for r in (0, 1):
+        for step, (a, b) in enumerate(zip(two_ranks[r]["embedding"], single)):
+            assert a.keys() == b.keys()
+            for k in b:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"rank {r} step {step}: {k}")
+    scales = two_ranks[0]["embedding"][0]["0.wts_scales"]
+    assert scales.max() < 0.5  # ARQ's max|row|/127 (then one small SGD step), not the placeholder 1.0
+    _same(two_ranks[0]["embedding"][-1], two_ranks[1]["embedding"][-1], "embedding model")
 
 
 # ---- MixedPrecisionPolicy(param_dtype=bf16): amct_pytorch.fsdp.fully_shard_qat ------------------

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ....config import DataQuantConfig, QATConfig, parse_config
 from ....functional import arq_scale, fake_quant_weight, int_range, rows_layout, ulq_weight_scale
-from ....fsdp import low_precision_params_error
+from ....fsdp import low_precision_params_error, write_param
 from .base import _FORCE, _exporting, _torch_exporting, check_device, check_dtype, positive_int
 
 __all__ = ["EmbeddingQAT"]
@@ -158,12 +158,13 @@ class EmbeddingQAT(nn.Embedding):
                 if not update:
                     return init
                 with torch.no_grad():
-                    self.wts_scales.copy_(init)
+                    write_param(self, "wts_scales", init)  # also into this rank's FSDP2 shard
                     self.wts_scale_ready.fill_(True)
             return ulq_weight_scale(self.wts_scales)
         scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, rows_layout(self.weight.shape))
         if update:
-            self.wts_scales.copy_(scale)
+            with torch.no_grad():
+                self.wts_scales.copy_(scale)  # a buffer (FSDP2 shards only parameters)
         return scale
 
     def weight_qparams(self) -> torch.Tensor:
