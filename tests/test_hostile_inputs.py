@@ -7,7 +7,7 @@ import torch
 
 import amct_pytorch
 
-from amct_pytorch import LinearQAT, calibrating, strict_inputs
+from amct_pytorch import Conv1dQAT, LinearQAT, calibrating, strict_inputs
 from amct_pytorch.functional import EPS
 from float_bounds import assert_within, sum_tolerance
 from state_helpers import _assert_unchanged, _snapshot
@@ -117,6 +117,21 @@ def test_low_precision_input_is_computed_in_float32_and_returned_in_its_dtype(dt
     assert y.dtype == dtype
     torch.testing.assert_close(y, ref(x.float()).to(dtype), rtol=0, atol=0)
     assert m.weight.dtype == torch.float32 and m.acts_clip_max.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_to_a_disabled_layer_is_computed_in_float32_too(dtype):
+    from amct_pytorch import disable_quantization
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LinearQAT(16, 8), torch.nn.ReLU(), Conv1dQAT(8, 4, 1))
+    disable_quantization(model)
+    x = torch.randn(3, 16).to(dtype)
+    y = model[0](x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.float(), model[0].weight, model[0].bias).to(dtype),
+                               rtol=0, atol=0)
+    z = model[2](torch.randn(2, 8, 5).to(dtype))
+    assert z.dtype == dtype
 
 
 @pytest.mark.parametrize("search", ["exact", "histogram"])

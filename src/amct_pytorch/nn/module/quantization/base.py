@@ -301,6 +301,11 @@ class QATModuleMixin:
     # ---- forward --------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
         if not self.config.retrain_enable:
+            if (isinstance(x, torch.Tensor) and x.dtype in _LOW_PRECISION and self.weight.dtype == torch.float32
+                    and not torch.is_autocast_enabled(x.device.type)):
+                # like an enabled layer: a bf16/fp16 input against float32 parameters (e.g. under
+                # fully_shard_qat's float32 policy) is computed in float32 and returned in its dtype
+                return self._FLOAT.forward(self, x.float(), *args, **kwargs).to(x.dtype)
             return self._FLOAT.forward(self, x, *args, **kwargs)
         if _torch_exporting():
             return self._forward_for_export(x, *args, **kwargs)
