@@ -3,6 +3,7 @@
 One scale per output row and block of `group_size` consecutive input features, for ARQ and
 ULQ weights, exact in the forward, the quant record and the deploy view.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -137,9 +138,12 @@ def test_config_round_trips_with_and_without_group_size():
 onnx = pytest.importorskip("onnx")
 
 
-@pytest.mark.parametrize("bits", ["INT4", "INT8"])
-def test_group_wise_export_runs_in_onnx_runtime_with_integer_blocked_weights(tmp_path, bits):
+@pytest.mark.parametrize("bits, form", [("INT4", "matmulnbits"), ("INT4", "qdq"), ("INT8", "matmulnbits")])
+def test_group_wise_export_runs_in_onnx_runtime_with_integer_blocked_weights(tmp_path, bits, form):
+    """2-D inputs (the exporter's Gemm). INT4: MatMulNBits (default) or the blocked Q/DQ form; INT8
+    group-wise weights keep the blocked Q/DQ form in either case."""
     import amct_pytorch as amct
+    from amct_pytorch.export import matmulnbits_codes
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
@@ -149,19 +153,102 @@ def test_group_wise_export_runs_in_onnx_runtime_with_integer_blocked_weights(tmp
         model(torch.randn(16, 64)).sum().backward()
     model.eval()
     result = amct.export_onnx(model, (torch.randn(5, 64),), tmp_path / "g.onnx",
-                              check_inputs=[(torch.randn(9, 64),)])
+                              check_inputs=[(torch.randn(9, 64),)], group_wise_int4=form)
     assert result.max_abs_diff <= 1e-5
     graph = onnx.load(tmp_path / "g.onnx").graph
     blocked = [n for n in graph.node if n.op_type == "DequantizeLinear"
                and any(a.name == "block_size" and a.i == 16 for a in n.attribute)]
-    assert len(blocked) == 2
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    fused = bits == "INT4" and form == "matmulnbits"
+    assert (len(blocked), len(nbits)) == ((0, 2) if fused else (2, 0))
     inits = {i.name: i for i in graph.initializer}
     view = deploy_view(model)
     for f in result.folded_weights:
-        codes = onnx.numpy_helper.to_array(inits[f.name]).astype("int8")
+        stored = onnx.numpy_helper.to_array(inits[f.name])
+        codes = matmulnbits_codes(stored) if fused else stored.astype("int8")
+        assert f.format == ("matmulnbits" if fused else "qdq")
         want = view[f.source.rsplit(".", 1)[0]].weight.numpy()
         assert (codes == want).all()
         assert f.int_bytes * (8 // int(bits[3:])) <= f.float_bytes / 4 + 8
+
+
+def _linear_bound(m, x):
+    """Per output element: how far two float32 evaluations of the eval forward x̂ @ Ŵᵀ + b (x̂, Ŵ the
+    quantized activation and weight, exactly representable) can differ: K products and the bias,
+    summed in any order (tests/float_bounds.py)."""
+    from float_bounds import linear_tolerance
+
+    a_scale, a_offset = m.act_qparams()
+    xq = fake_quant_act(x, a_scale, a_offset, 8)
+    wq = deploy_view(nn.Sequential(m))["0"].dequantized_weight()
+    return linear_tolerance(xq, wq, m.bias).numpy()
+
+
+@pytest.mark.parametrize("group", [16, 32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matmulnbits_form_equals_the_eval_forward(tmp_path, group, bias):
+    """Group-wise INT4 -> one MatMulNBits (float32 compute) behind the activation Q/DQ: ORT's output
+    equals the PyTorch eval output up to float32 summation order, at several batch/sequence sizes;
+    the weight is stored packed at 1/8 of its float bytes, no float copy left."""
+    import amct_pytorch as amct
+    from amct_pytorch.export import ort_session
+
+    torch.manual_seed(7 + group + bias)
+    k, n = 128, 24
+    m = LinearQAT(k, n, bias=bias, config=_cfg(group, algo="ulq_quantize")).train()
+    for _ in range(2):
+        m(torch.randn(4, 9, k)).sum().backward()
+    m.eval()
+    path = tmp_path / "nbits.onnx"
+    result = amct.export_onnx(m, (torch.randn(2, 5, k),), path)
+    assert result.max_abs_diff <= 1e-5
+    assert all(isinstance(d, str) for d in result.dynamic_dims[0][:2])  # batch and sequence dynamic
+    session = ort_session(path)
+    for shape in [(3, 7), (1, 1), (6, 33)]:
+        x = torch.randn(*shape, k) * 2
+        got = session.run(None, {"input_0": x.numpy()})[0]
+        with torch.no_grad():
+            want = m(x).numpy()
+        assert got.shape == want.shape
+        assert (np.abs(got - want) <= _linear_bound(m, x)).all(), (shape, np.abs(got - want).max())
+
+    proto = onnx.load(path)
+    nodes = [nd for nd in proto.graph.node if nd.op_type == "MatMulNBits"]
+    assert len(nodes) == 1 and nodes[0].domain == "com.microsoft"
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs["accuracy_level"] <= 1 and (attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]) == \
+        (k, n, 4, group)
+    # the activation's Q/DQ, the MatMulNBits, the bias Add: no weight DequantizeLinear, MatMul or Gemm
+    ops = [nd.op_type for nd in proto.graph.node]
+    assert ops == ["QuantizeLinear", "DequantizeLinear", "MatMulNBits"] + ["Add"] * bias, ops
+    floats = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert max(int(np.prod(i.dims)) for i in floats) < k * n / 8  # scales, bias, activation factors only
+    (f,) = result.folded_weights
+    assert f.int_bytes * 8 == f.float_bytes == k * n * 4
+    # the stored tensors: packed codes (1/8 of float) + one float32 scale per block + the bias + the
+    # activation factors (the rest of the file is the graph: names, the exporter's node metadata)
+    scale_bytes = n * (k // group) * 4
+    stored = sum(i.ByteSize() for i in proto.graph.initializer)
+    assert stored <= f.float_bytes / 8 + scale_bytes + n * 4 * bias + 64 * len(proto.graph.initializer)
+
+
+def test_group_wise_int4_forms_and_errors(tmp_path):
+    """"qdq" keeps the standard-ONNX form (no com.microsoft op), as does integer_weights=False; an
+    unknown form is a ValueError."""
+    import amct_pytorch as amct
+
+    torch.manual_seed(8)
+    m = LinearQAT(64, 8, config=_cfg(32)).train()
+    m(torch.randn(4, 3, 64))
+    m.eval()
+    x = (torch.randn(2, 3, 64),)
+    for kwargs in ({"group_wise_int4": "qdq"}, {"integer_weights": False}):
+        amct.export_onnx(m, x, tmp_path / "q.onnx", **kwargs)
+        proto = onnx.load(tmp_path / "q.onnx")
+        assert "MatMulNBits" not in {nd.op_type for nd in proto.graph.node}
+        assert all(o.domain in ("", "ai.onnx") for o in proto.opset_import)
+    with pytest.raises(ValueError, match="group_wise_int4"):
+        amct.export_onnx(m, x, tmp_path / "bad.onnx", group_wise_int4="int4")
 
 
 def test_group_wise_export_of_a_token_encoder_at_other_lengths(tmp_path):

@@ -325,6 +325,10 @@ class FoldedWeight:
     axis: int | None
     float_bytes: int
     int_bytes: int
+    # "qdq": `name` holds the codes (int8 / INT4) feeding a DequantizeLinear; "matmulnbits": `name`
+    # is the B input of a com.microsoft MatMulNBits, uint8 (N, K / block, block / 2), code + 8 per
+    # nibble, low nibble first (`matmulnbits_codes` unpacks it)
+    format: str = "qdq"
 
 
 def _int_grid(data_type: int) -> tuple[int, int, int] | None:
@@ -500,7 +504,7 @@ def _activation_quantizer(g: _Graph, name: str):
 
 
 def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool = True,
-                           separate_conv_bias: bool = True) -> list[FoldedWeight]:
+                           separate_conv_bias: bool = True, group_wise_int4: str = "matmulnbits") -> list[FoldedWeight]:
     """Replace every `QuantizeLinear(float initializer) -> DequantizeLinear` by an integer initializer
     feeding the DequantizeLinear (in place on `proto`, a ModelProto).
 
@@ -514,9 +518,15 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
     form fuses, and the float bias stays float under ONNX Runtime's default options. With
     `separate_conv_bias`, a Conv/ConvTranspose bias becomes an Add after it, for the same reason.
     With `integer=False` the float weight keeps its QuantizeLinear (only laid out for the MatMul).
+    Blocked (group-wise) weights: with `group_wise_int4="matmulnbits"` an INT4 linear weight and its
+    MatMul / Gemm become one com.microsoft `MatMulNBits` (`_matmulnbits`); otherwise, and for INT8
+    blocks, the codes feed the blocked DequantizeLinear (`_fold_blocked`).
     Returns the folded weights (none when `integer=False`).
     """
     from onnx import TensorProto, helper, numpy_helper
+
+    if group_wise_int4 not in GROUP_WISE_INT4_FORMS:
+        raise ValueError(f"group_wise_int4: expected one of {GROUP_WISE_INT4_FORMS}, got {group_wise_int4!r}")
 
     g = _Graph(proto.graph)
     folded: list[FoldedWeight] = []
@@ -532,7 +542,10 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
             continue
         if _attr(q, "block_size", 0) or _attr(dq, "block_size", 0):
             if integer:
-                f = _fold_blocked(g, proto, q, dq, src)
+                f = None
+                if group_wise_int4 == "matmulnbits":
+                    f = _matmulnbits(g, proto, q, dq, src, drop, before, dead_values)
+                f = f or _fold_blocked(g, proto, q, dq, src)
                 if f is not None:
                     folded.append(f)
                     drop.add(id(q))
@@ -669,6 +682,29 @@ def _fold_blocked(g, proto, q, dq, src):
     same blocked DequantizeLinear (ONNX Runtime runs it as a float MatMul after dequantizing)."""
     from onnx import numpy_helper
 
+    found = _blocked_codes(g, q, dq)
+    if found is None:
+        return None
+    codes, _, axis, _, bits = found
+    name = g.fresh(f"{q.input[0]}_quantized")
+    if bits == 4:
+        import ml_dtypes
+
+        init = numpy_helper.from_array(codes.astype(ml_dtypes.int4), name)
+    else:
+        init = numpy_helper.from_array(codes, name)
+    proto.graph.initializer.append(init)
+    dq.input[0] = name
+    return FoldedWeight(src.name, name, bits, None, axis, codes.size * 4, len(init.raw_data))
+
+
+GROUP_WISE_INT4_FORMS = ("matmulnbits", "qdq")
+MATMULNBITS_ACCURACY_LEVEL = 1  # float32 compute: exact dequantization, then a float matmul (see _matmulnbits)
+MS_DOMAIN = "com.microsoft"
+
+
+def _blocked_codes(g, q, dq):
+    """(codes as int8, scale name, axis, block size, bits) of a blocked weight Q/DQ pair, or None."""
     w, scale, zp = g.array(q.input[0]), g.array(q.input[1]), g.array(q.input[2])
     if scale is None or zp is None or q.input[1:3] != dq.input[1:3]:
         return None
@@ -681,16 +717,95 @@ def _fold_blocked(g, proto, q, dq, src):
     s = np.repeat(scale.astype(np.float32), block, axis=axis)
     z = np.repeat(zp.astype(np.float32), block, axis=axis)
     codes = np.clip(np.rint(w.astype(np.float32) / s) + z, qmin, qmax).astype(np.int8)
-    name = g.fresh(f"{q.input[0]}_quantized")
-    if bits == 4:
-        import ml_dtypes
+    return codes, zp, axis, block, bits
 
-        init = numpy_helper.from_array(codes.astype(ml_dtypes.int4), name)
-    else:
-        init = numpy_helper.from_array(codes, name)
+
+def _linear_consumer(g, dq):
+    """(node, activation input, bias input or None) when the blocked weight `dq` feeds a linear as
+    x @ Wᵀ: `Gemm(x, W, b, transB=1)` (alpha = beta = 1, no transA) or `Transpose -> MatMul(x, Wᵀ)`;
+    plus the Transpose to drop (or None). None when it feeds anything else."""
+    gemm = g.only_consumer(dq.output[0], "Gemm")
+    if gemm is not None:
+        if (gemm.input[1] == dq.output[0] and gemm.input[0] != dq.output[0] and _attr(gemm, "transB", 0)
+                and not _attr(gemm, "transA", 0) and _attr(gemm, "alpha", 1.0) == 1.0
+                and _attr(gemm, "beta", 1.0) == 1.0):
+            bias = gemm.input[2] if len(gemm.input) > 2 and gemm.input[2] else None
+            return gemm, gemm.input[0], bias, None
+        return None
+    transpose = g.only_consumer(dq.output[0], "Transpose")
+    if transpose is None or list(_attr(transpose, "perm", [1, 0])) != [1, 0]:
+        return None
+    matmul = g.only_consumer(transpose.output[0], "MatMul")
+    if matmul is None or matmul.input[1] != transpose.output[0] or matmul.input[0] == transpose.output[0]:
+        return None
+    return matmul, matmul.input[0], None, transpose
+
+
+def pack_matmulnbits(codes: np.ndarray, block: int) -> np.ndarray:
+    """INT4 codes (N, K) in [-8, 7] -> MatMulNBits' B: uint8 (N, K / block, block / 2), each code
+    stored as code + 8 (the default zero point), two per byte along K, the first in the low nibble."""
+    n, k = codes.shape
+    u = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(n, k // block, block // 2, 2)
+    return (u[..., 0] | (u[..., 1] << 4)).astype(np.uint8)
+
+
+def matmulnbits_codes(packed: np.ndarray) -> np.ndarray:
+    """`pack_matmulnbits` undone: uint8 (N, blocks, block / 2) -> int8 codes (N, blocks * block)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    pairs = np.stack([packed & 0x0F, packed >> 4], axis=-1)
+    return (pairs.astype(np.int8) - 8).reshape(packed.shape[0], -1)
+
+
+def _matmulnbits(g, proto, q, dq, src, drop, before, dead_values) -> FoldedWeight | None:
+    """A group-wise INT4 linear weight (blocked Q/DQ on a 2-D (N, K) weight, blocks along K) and its
+    MatMul / Gemm -> one com.microsoft MatMulNBits(x, B, scales), bias as a separate Add; None (nothing
+    changed) when the pattern does not fit, and the caller keeps the blocked DequantizeLinear.
+
+    MatMulNBits dequantizes B as (code - 8)·scale per block (the default zero point 8 for bits=4,
+    so symmetric codes c in [-8, 7] are stored as c + 8) and multiplies with x. accuracy_level 1
+    (float32) makes ORT's CPU kernel compute exactly that in float32; accuracy_level 4 would
+    quantize x again per block to int8 inside the kernel, which our activation Q/DQ already did on
+    another grid, so its outputs would differ from the QAT model.
+    """
+    from onnx import helper, numpy_helper
+
+    found = _blocked_codes(g, q, dq)
+    if found is None:
+        return None
+    codes, zp, axis, block, bits = found
+    n, k = codes.shape if codes.ndim == 2 else (0, 0)
+    if (bits != 4 or codes.ndim != 2 or axis != 1 or np.any(zp != 0) or block < 16 or block & (block - 1)
+            or k % block):
+        return None
+    use = _linear_consumer(g, dq)
+    if use is None:
+        return None
+    node, x, bias, transpose = use
+    name = g.fresh(f"{q.input[0]}_matmulnbits")
+    init = numpy_helper.from_array(pack_matmulnbits(codes, block), name)
     proto.graph.initializer.append(init)
-    dq.input[0] = name
-    return FoldedWeight(src.name, name, bits, None, axis, w.size * 4, len(init.raw_data))
+    scales = q.input[1]  # (N, K / block) float32, the blocked quantizer's own scale constant
+    y = node.output[0]
+    out = g.fresh(f"{y}_matmulnbits") if bias else y
+    node.op_type, node.domain = "MatMulNBits", MS_DOMAIN
+    del node.input[:]
+    node.input.extend([x, name, scales])
+    del node.attribute[:]
+    node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n),
+                           helper.make_attribute("bits", 4), helper.make_attribute("block_size", block),
+                           helper.make_attribute("accuracy_level", MATMULNBITS_ACCURACY_LEVEL)])
+    node.output[0] = out
+    if bias:
+        before.setdefault(("after", id(node)), []).append(
+            helper.make_node("Add", [out, bias], [y], name=g.fresh(f"{node.name}_bias")))
+    drop.add(id(dq))
+    dead_values.add(dq.output[0])
+    if transpose is not None:
+        drop.add(id(transpose))
+        dead_values.add(transpose.output[0])
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return FoldedWeight(src.name, name, 4, None, 1, codes.size * 4, len(init.raw_data), "matmulnbits")
 
 
 # ---- the bias: float (default) or on the int32 grid of integer runtimes -----------------------
@@ -868,7 +983,7 @@ BIAS_MODES = ("float", "int32")
 def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, check: bool = True,
                 atol: float = 1e-5, dynamic: bool = True, static_dims=None, dynamic_shapes=None,
                 integer_weights: bool = True, bias: str = "float", session_options=None,
-                check_inputs=None) -> ExportResult:
+                check_inputs=None, group_wise_int4: str = "matmulnbits") -> ExportResult:
     """Export `model` (eval mode, QAT layers calibrated) to ONNX QDQ and check it in ONNX Runtime.
 
     Shapes: with `dynamic`, every input dimension the model lets vary is dynamic (batch,
@@ -878,7 +993,12 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
     `torch.export.Dim("seq", min=1, max=512)`; it replaces the automatic choice.
     Weights: with `integer_weights`, each quantized weight is stored as int8 codes (INT4: packed
     4-bit, opset 21) feeding its DequantizeLinear, and a Gemm fed by one becomes MatMul + Add (see
-    `fold_weight_quantizers`). `bias`: "float" keeps the trained float bias; "int32" exports the bias
+    `fold_weight_quantizers`). `group_wise_int4`: the form of a group-wise INT4 linear (`group_size`):
+    "matmulnbits" (default) one com.microsoft `MatMulNBits` (packed 4-bit weight, per-block scales,
+    accuracy_level 1: float32 compute) behind the activation Q/DQ, bias as an Add; "qdq" the
+    standard-ONNX opset-21 blocked `DequantizeLinear` of INT4 codes feeding a float MatMul, for
+    toolchains without the com.microsoft domain (and the form kept with `integer_weights=False`).
+    `bias`: "float" keeps the trained float bias; "int32" exports the bias
     on the int32 grid integer runtimes use (`int32_bias`), and checks against that.
     With `check`, the file runs in ONNX Runtime's CPU provider with default session options (or
     `session_options`, an onnxruntime.SessionOptions) on `example_inputs` and on each tuple in
@@ -895,6 +1015,8 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
         raise ValueError(f"atol: expected a finite number >= 0, got {atol!r}")
     if bias not in BIAS_MODES:
         raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
+    if group_wise_int4 not in GROUP_WISE_INT4_FORMS:
+        raise ValueError(f"group_wise_int4: expected one of {GROUP_WISE_INT4_FORMS}, got {group_wise_int4!r}")
     if dynamic_shapes is not None and not dynamo:
         raise ValueError("dynamic_shapes: is torch.export's argument (dynamo=True); with dynamo=False use "
                          "static_dims, or torch.onnx.export(..., dynamic_axes=...) directly")
@@ -943,7 +1065,7 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
         proto = onnx.load(path)
         static_dim_params(proto)
         unshare_activation_quantizers(proto)
-        folded = tuple(fold_weight_quantizers(proto, integer=integer_weights))
+        folded = tuple(fold_weight_quantizers(proto, integer=integer_weights, group_wise_int4=group_wise_int4))
         keep_relu_before_int4_quantizers(proto)
         onnx.save(proto, path)
         result = ExportResult(path, None, folded, _onnx_input_dims(path))

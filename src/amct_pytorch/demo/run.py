@@ -298,16 +298,18 @@ def quiet_third_party():
                 log.setLevel(level)
 
 
-def export_encoder(model, tokenizer, texts, path) -> dict[str, Any]:
+def export_encoder(model, tokenizer, texts, path, **export_kwargs) -> dict[str, Any]:
     """Export `model` as SentenceEncoder(input_ids, attention_mask) -> embedding, batch and sequence
-    dynamic (one artifact for every length), quantized weights stored as integers."""
+    dynamic (one artifact for every length), quantized weights stored as integers. `export_kwargs`
+    go to export_onnx (e.g. group_wise_int4="qdq"); check=False unless given."""
     from ..export import export_onnx
 
     encoder = SentenceEncoder(model).eval()
     batch = tokenize(tokenizer, texts)
+    export_kwargs.setdefault("check", False)  # the demo compares ORT on every held-out sentence instead
     start = time.perf_counter()
-    with quiet_third_party():  # check=False: ORT is compared on every held-out sentence below
-        result = export_onnx(encoder, (batch["input_ids"], batch["attention_mask"]), path, check=False)
+    with quiet_third_party():
+        result = export_onnx(encoder, (batch["input_ids"], batch["attention_mask"]), path, **export_kwargs)
     return {"path": str(path), "size_mb": round(os.path.getsize(path) / 1e6, 2),
             "dynamic_dims": [list(d) for d in result.dynamic_dims],
             "export_time_s": round(time.perf_counter() - start, 2)}
@@ -328,7 +330,12 @@ def ort_session(path, threads: int | None = None):
 
 
 def _feed(session, batch) -> dict:
-    ids, mask = (i.name for i in session.get_inputs())
+    """A tokenized batch (input_ids, attention_mask) as the session's inputs; a dict already keyed
+    by the session's input names (numpy arrays) is passed through."""
+    names = [i.name for i in session.get_inputs()]
+    if all(n in batch for n in names):
+        return {n: batch[n] for n in names}
+    ids, mask = names
     return {ids: batch["input_ids"].numpy(), mask: batch["attention_mask"].numpy()}
 
 
