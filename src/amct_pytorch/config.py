@@ -52,6 +52,9 @@ class WeightQuantConfig:
     # Extension: one scale per output channel and group of `group_size` consecutive input
     # features (LinearQAT only; needs channel_wise=True; a power of two >= 16 dividing in_features)
     group_size: int | None = None
+    # Extension: a learnable (ULQ) scale's first value: "arq" (the spec: max|w| / qmax) or "mse"
+    # (the clipped step r * ARQ, r in [0.5, 1], minimising the weight's squared rounding error)
+    scale_init: str = "arq"
 
     @property
     def num_bits(self) -> int:
@@ -74,13 +77,16 @@ class QATConfig:
         return {
             "retrain_enable": self.retrain_enable,
             "retrain_data_config": data,
-            "retrain_weight_config": {k: v for k, v in vars(self.retrain_weight_config).items() if v is not None},
+            # the defaults of extensions (group_size None, scale_init "arq") are left out: AMCT's keys only
+            "retrain_weight_config": {k: v for k, v in vars(self.retrain_weight_config).items()
+                                      if v is not None and not (k == "scale_init" and v == "arq")},
         }
 
 
 _TOP_KEYS = ("retrain_enable", "retrain_data_config", "retrain_weight_config")
 _DATA_KEYS = ("dst_type", "batch_num", "fixed_min", "clip_min", "clip_max", "ifmr_search")
-_WEIGHT_KEYS = ("dst_type", "weights_retrain_algo", "channel_wise", "group_size")
+_WEIGHT_KEYS = ("dst_type", "weights_retrain_algo", "channel_wise", "group_size", "scale_init")
+SCALE_INITS = ("arq", "mse")
 
 
 def _describe(value: Any) -> str:
@@ -182,7 +188,14 @@ def _parse_weight(raw: Any) -> WeightQuantConfig:
         weights_retrain_algo=WEIGHT_ALGOS[algo],
         channel_wise=_bool(sec.get("channel_wise", False), f"{path}.channel_wise"),
         group_size=_group_size(sec.get("group_size"), f"{path}.group_size"),
+        scale_init=_choice(sec.get("scale_init", "arq"), SCALE_INITS, f"{path}.scale_init"),
     )
+    if cfg.scale_init != "arq" and not cfg.learnable_scale:
+        raise ValueError(
+            f"{path}.scale_init={cfg.scale_init!r}: only a learnable (ULQ) weight scale has an initial value; "
+            f"ARQ recomputes max|w| / qmax every forward. Use weights_retrain_algo='ulq_quantize' (got "
+            f"{cfg.weights_retrain_algo!r}) or leave scale_init at 'arq'"
+        )
     if cfg.group_size is not None and not cfg.channel_wise:
         raise ValueError(
             f"{path}.group_size={cfg.group_size}: group-wise scales are per output channel and group of input "

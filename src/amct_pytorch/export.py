@@ -179,6 +179,8 @@ def _graph_qparams(module) -> QParams:
     else:
         w_scale = arq_scale(module.weight.reshape(1, -1), wcfg.num_bits, channel_wise=True)
     if wcfg.learnable_scale:
+        if wcfg.scale_init != "arq":  # a never-initialised learnable scale: the eval forward's first value
+            w_scale = module._initial_weight_scale().reshape(w_scale.shape)
         w_scale = torch.where(module.wts_scale_ready, ulq_weight_scale(module.wts_scales.detach()), w_scale)
     return QParams(a_scale.reshape(()), a_offset.reshape(()).to(torch.int32), w_scale.reshape(-1),
                    data.num_bits, wcfg.num_bits, wcfg.channel_wise)

@@ -200,6 +200,49 @@ def arq_scale(weight: torch.Tensor, num_bits: int, channel_wise: bool, layout: W
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
+# scale_init="mse": the candidate steps, as fractions of ARQ's max-abs step (1.0 first, so a
+# tie keeps ARQ's step and the result's error never exceeds ARQ's)
+MSE_RATIOS = tuple(round(1.0 - 0.01 * k, 2) for k in range(51))  # 1.00, 0.99, ..., 0.50
+
+
+def mse_scale(weight: torch.Tensor, num_bits: int, channel_wise: bool, layout: WeightLayout | None = None,
+              ratios=MSE_RATIOS) -> torch.Tensor:
+    """The weight step that minimises ||w - Q(w)||^2 over r * arq_scale for r in `ratios`, chosen per
+    scale (per tensor, channel or group); same shape as arq_scale. Clipping the few largest weights
+    of a group buys a finer step for all the others: for INT4 the error is typically 20-30 % lower
+    than with the max-abs step. Never worse than ARQ when `ratios` holds 1.0 (ties keep the larger
+    step). One vectorised pass per candidate; no host synchronisation."""
+    qmin, qmax = int_range(num_bits)
+    base = arq_scale(weight, num_bits, channel_wise, layout)
+    w = weight.detach()
+    if channel_wise:
+        wv = _channel_view(w, layout)
+        dims = layout.reduce if layout is not None else 1
+        shape = layout.scale if layout is not None else (-1, 1)
+    else:
+        wv, dims, shape = w.reshape(1, -1), 1, (1, 1)
+    best, best_err = base, None
+    for r in ratios:
+        s = base * r
+        err = (torch.div(wv, s.reshape(shape)).round_().clamp_(qmin, qmax).mul_(s.reshape(shape)).sub_(wv)
+               .square_().sum(dim=dims).reshape(-1))
+        if best_err is None:
+            best_err, best = err, s
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
+    return best
+
+
+def initial_weight_scale(weight: torch.Tensor, num_bits: int, channel_wise: bool, layout: WeightLayout | None = None,
+                         method: str = "arq") -> torch.Tensor:
+    """A learnable (ULQ) weight scale's first value: ARQ's max-abs step, or with method="mse" the
+    clipped step of `mse_scale` (retrain_weight_config.scale_init)."""
+    if method == "mse":
+        return mse_scale(weight, num_bits, channel_wise, layout)
+    return arq_scale(weight, num_bits, channel_wise, layout)
+
+
 def ulq_weight_scale(scale: torch.Tensor) -> torch.Tensor:
     """The step of the ULQ weight grid: |s|, at least EPS, since a large optimiser step can push
     the learnable s through 0. Its gradient is sign(s) (+1 at 0), also below EPS, so that a

@@ -25,7 +25,8 @@ import torch.nn as nn
 from ....config import QATConfig, parse_config
 from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
 from ....fsdp import low_precision_params_error, write_param
-from ....functional import EPS, WeightLayout, act_qparams, arq_scale, fake_quant_weight, ulq_weight_scale
+from ....functional import (EPS, WeightLayout, act_qparams, arq_scale, fake_quant_weight, initial_weight_scale,
+                            ulq_weight_scale)
 from ....ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
 from ....qat_function import QuantSpec, WeightCache, qat_apply
 
@@ -549,7 +550,7 @@ class QATModuleMixin:
         wcfg = self.config.retrain_weight_config
         if wcfg.learnable_scale:
             if not self._wts_ready:
-                init = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
+                init = self._initial_weight_scale()
                 if not update:
                     return init
                 with torch.no_grad():
@@ -562,11 +563,17 @@ class QATModuleMixin:
             self.wts_scales.copy_(scale)
         return scale
 
+    def _initial_weight_scale(self) -> torch.Tensor:
+        """A learnable scale's first value (retrain_weight_config.scale_init: ARQ or MSE)."""
+        wcfg = self.config.retrain_weight_config
+        return initial_weight_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout(),
+                                    wcfg.scale_init)
+
     def weight_qparams(self) -> torch.Tensor:
         """The weight scale the next forward would use (no state change)."""
         wcfg = self.config.retrain_weight_config
-        if wcfg.learnable_scale and self._wts_ready:
-            return ulq_weight_scale(self.wts_scales.detach())
+        if wcfg.learnable_scale:
+            return ulq_weight_scale(self.wts_scales.detach()) if self._wts_ready else self._initial_weight_scale()
         return arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
 
     # ---- state ----------------------------------------------------------------------

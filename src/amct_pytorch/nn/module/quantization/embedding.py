@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ....config import DataQuantConfig, QATConfig, parse_config
-from ....functional import arq_scale, fake_quant_weight, int_range, rows_layout, ulq_weight_scale
+from ....functional import arq_scale, fake_quant_weight, initial_weight_scale, int_range, rows_layout, ulq_weight_scale
 from ....fsdp import low_precision_params_error, write_param
 from .base import _FORCE, _exporting, _torch_exporting, check_device, check_dtype, positive_int
 
@@ -154,7 +154,8 @@ class EmbeddingQAT(nn.Embedding):
         wcfg = self.config.retrain_weight_config
         if wcfg.learnable_scale:
             if not bool(self.wts_scale_ready):
-                init = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, rows_layout(self.weight.shape))
+                init = initial_weight_scale(self.weight, wcfg.num_bits, wcfg.channel_wise,
+                                            rows_layout(self.weight.shape), wcfg.scale_init)
                 if not update:
                     return init
                 with torch.no_grad():
