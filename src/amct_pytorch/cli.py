@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", choices=("minilm", "crepe"), default="minilm",
                       help="which pretrained model: minilm (default) or crepe (see docs/crepe_demo.md)")
     demo.add_argument("--steps", type=_positive,
-                      help="QAT training steps for every setting (default minilm: w8a8 120, w4a8g 130, w4a8 300, "
+                      help="QAT training steps for every setting (default minilm: w8a8 150, w4a8g 150, w4a8 300, "
                            "--config 200; "
                            "quick 6; crepe: w8a8 60, w4a8 150, --config 200; quick 4)")
     demo.add_argument("--batch-size", type=_positive,
