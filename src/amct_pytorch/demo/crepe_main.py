@@ -13,12 +13,11 @@ from . import crepe_data
 from .crepe_report import table, write_plot
 from .crepe_run import BN_MODES, CrepeOptions, Setting, export_check, export_float, ort_latency, prepare, run_setting
 from .main import settings_from_file
-from .report import fresh_output_dir, write_json
-from .run import Timer
+from .report import PLOT, REPORT, finish_report, fresh_output_dir
+from .run import Timer, with_run_options
 
 QUICK = dict(steps=4, batch_size=16, calib_frames=16, eval_frames=512, curve_frames=128, eval_points=1,
              latency_batch=32, latency_runs=2)
-REPORT, PLOT = "report.json", "plot.png"
 
 
 def run_crepe_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick=False, progress=True,
@@ -29,12 +28,7 @@ def run_crepe_demo(out="amct_qat_out", steps=None, batch_size=None, config=None,
     opts = CrepeOptions(progress=progress, capacity=capacity)
     if not compare_batchnorm:
         opts = replace(opts, bn_compare=None)
-    if quick:
-        opts = replace(opts, **QUICK)
-    if steps is not None:
-        opts = replace(opts, steps=steps)
-    if batch_size is not None:
-        opts = replace(opts, batch_size=batch_size)
+    opts = with_run_options(opts, QUICK, quick, steps, batch_size)
     if config is not None:
         custom = settings_from_file(config)[0]
         opts = replace(opts, settings=(Setting(custom.name, custom.label, custom.config),),
@@ -106,9 +100,4 @@ def run_crepe_demo(out="amct_qat_out", steps=None, batch_size=None, config=None,
         "times_s": timer.times,
         "settings": results,
     }
-    report["total_time_s"] = round(time.perf_counter() - start, 1)
-    log(table(report))
-    write_plot(report, out / PLOT)
-    write_json(report, out / REPORT)
-    log(f"wrote {out / REPORT}, {out / PLOT} and the ONNX models; total {report['total_time_s']:.0f}s")
-    return report
+    return finish_report(report, start, out, log, table, write_plot, "the ONNX models")

@@ -25,19 +25,10 @@ from ..config import parse_config
 from ..convert import calibrate, qat_layers, to_qat
 from . import crepe_data
 from .crepe import FRAME, load_crepe, local_average_cents, pitch_metrics
-from .run import Timer, _progress
+from .run import CLIP_NAMES, Setting, Timer, _progress, optimizer_step
 
-CLIP_NAMES = ("acts_clip_max", "acts_clip_min")
 BN_MODES = ("frozen", "train")
 LOSSES = ("distil", "pitch")
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    label: str
-    config: dict
-    steps: int = 200
 
 
 SETTINGS = (
@@ -149,14 +140,7 @@ def train(student, teacher, curve: PitchEval, opts: CrepeOptions, steps: int, bn
             # BCE minus the targets' own entropy (same gradient): 0 when the student matches them
             loss = (F.binary_cross_entropy_with_logits(student.logits(frames), target)
                     - _entropy(target))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
-            history["step"].append(step)
-            history["loss"].append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
+            optimizer_step(loss, optim, sched, step, history, bar, ".4f")
             if step in checkpoints:
                 history["eval_step"].append(step)
                 history["eval_rpa"].append(curve(student)["rpa"])

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 
 from ..config import parse_config
-from .report import fresh_output_dir, table, write_json, write_plot
+from .report import PLOT, REPORT, finish_report, fresh_output_dir, table, write_plot
 from .model import tokenize
 from .run import (DEFAULT_SETTINGS, SETTINGS, Options, Setting, Timer, export_encoder, latency, ort_accuracy,
-                  peer_dynamic, peer_static, prepare, quiet_third_party, run_setting, split_model, uses_split, w4a8g)
+                  peer_dynamic, peer_static, prepare, quiet_third_party, run_setting, split_model, uses_split, w4a8g,
+                  with_run_options)
 
 QUICK = dict(steps=6, batch_size=8, eval_points=1, max_eval=48, max_train=96, calib_size=16,
              latency_sentences=32, latency_reps=1)
-REPORT, PLOT = "report.json", "plot.png"
 FLOAT_ONNX, PEERS = "float.onnx", {"ort_dynamic": "ORT quantize_dynamic (per-channel INT8 W, dynamic A)",
                                    "ort_static": "ORT quantize_static (QDQ, per-channel INT8 W, INT8 A)"}
 
@@ -62,12 +62,7 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
     opts = Options(progress=progress, split_outliers=split, amp=amp, peers=peers,
                    quantize_embeddings=quantize_embeddings,
                    settings=parse_settings(settings or DEFAULT_SETTINGS, group_size))
-    if quick:
-        opts = replace(opts, **QUICK)
-    if steps is not None:
-        opts = replace(opts, steps=steps)
-    if batch_size is not None:
-        opts = replace(opts, batch_size=batch_size)
+    opts = with_run_options(opts, QUICK, quick, steps, batch_size)
     if config is not None:
         opts = replace(opts, settings=settings_from_file(config))
     out = fresh_output_dir(out, (REPORT, PLOT))
@@ -166,9 +161,4 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
         "settings": results,
         "deployment": deployment,
     }
-    report["total_time_s"] = round(time.perf_counter() - start, 1)
-    log(table(report))
-    write_plot(report, out / PLOT)
-    write_json(report, out / REPORT)
-    log(f"wrote {out / REPORT}, {out / PLOT} and {len(artifacts)} ONNX files; total {report['total_time_s']:.0f}s")
-    return report
+    return finish_report(report, start, out, log, table, write_plot, f"{len(artifacts)} ONNX files")

@@ -93,6 +93,22 @@ def save_figure(fig, path: Path) -> None:
         plt.close(fig)
 
 
+REPORT, PLOT = "report.json", "plot.png"  # every demo's report files in its output folder
+
+
+def finish_report(report: dict, start: float, out: Path, log, table, write_plot, artifacts: str) -> dict:
+    """A demo's last step: total time, the printed table, plot.png and report.json (written last,
+    so a report.json in `out` belongs to a finished run), and the closing line."""
+    import time
+
+    report["total_time_s"] = round(time.perf_counter() - start, 1)
+    log(table(report))
+    write_plot(report, out / PLOT)
+    write_json(report, out / REPORT)
+    log(f"wrote {out / REPORT}, {out / PLOT} and {artifacts}; total {report['total_time_s']:.0f}s")
+    return report
+
+
 def write_json(report: dict, path: Path) -> None:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:

@@ -14,7 +14,7 @@ import random
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,31 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
 
 
+def with_run_options(opts, quick_values: dict, quick: bool, steps, batch_size):
+    """`opts` with a demo's common command-line choices applied: --quick's values, then --steps and
+    --batch-size when given."""
+    if quick:
+        opts = replace(opts, **quick_values)
+    if steps is not None:
+        opts = replace(opts, steps=steps)
+    if batch_size is not None:
+        opts = replace(opts, batch_size=batch_size)
+    return opts
+
+
+def optimizer_step(loss, optim, sched, step: int, history: dict, bar, loss_format: str) -> None:
+    """One step of a demo's training loop: backward, optimiser and LR-schedule step, and the
+    bookkeeping (the loss in `history["loss"]` and on the progress bar)."""
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    sched.step()
+    history["step"].append(step)
+    history["loss"].append(loss.item())
+    bar.update(1)
+    bar.set_postfix(loss=format(history["loss"][-1], loss_format))
+
+
 def _autocast(model, amp):
     device_type = next(model.parameters()).device.type
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=(amp == "bf16"))
@@ -208,14 +233,7 @@ def train(student, tokenizer, texts, targets, evaluator, opts: Options, steps: i
             with _autocast(student, opts.amp):
                 emb = embed(student, tokenize(tokenizer, [texts[k] for k in pick]))
             loss = (1.0 - (emb.float() * targets[pick]).sum(1)).mean()
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
-            history["step"].append(step)
-            history["loss"].append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{history['loss'][-1]:.2e}")
+            optimizer_step(loss, optim, sched, step, history, bar, ".2e")
             if step in checkpoints:
                 history["eval_step"].append(step)
                 history["eval_mean_cos"].append(float(evaluator.cosines(student).mean()))
