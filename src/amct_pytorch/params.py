@@ -28,10 +28,10 @@ def fsdp_param(module, name):
         if not isinstance(state, FSDPState):
             continue
         for group in getattr(state, "_fsdp_param_groups", None) or []:
-            for fsdp_param in group.fsdp_params:
-                info = fsdp_param._module_info
+            for candidate in group.fsdp_params:
+                info = candidate._module_info
                 if info.module is module and info.param_name == name:
-                    return fsdp_param
+                    return candidate
     return None
 
 
@@ -42,17 +42,17 @@ def write_param(module, name: str, value: torch.Tensor) -> None:
     if not fsdp_managed(module):
         param.copy_(value)
         return
-    fsdp_param = fsdp_param(module, name)
-    if fsdp_param is None:
+    managed = fsdp_param(module, name)
+    if managed is None:
         param.copy_(value)
         return
     if not hasattr(param, "device_mesh"):  # the unsharded parameter, used by this forward
         param.copy_(value.to(param.dtype))
-    sharded = fsdp_param.sharded_param
+    sharded = managed.sharded_param
     mesh = sharded.device_mesh
-    dim = fsdp_param.fsdp_placement.dim
+    dim = managed.fsdp_placement.dim
     world, rank = mesh.size(), mesh.get_local_rank()
-    chunks = list(torch.chunk(value.reshape(fsdp_param._orig_size), world, dim=dim))
+    chunks = list(torch.chunk(value.reshape(managed._orig_size), world, dim=dim))
     local = sharded._local_tensor
     if rank < len(chunks) and local.numel() > 0:
         local.copy_(chunks[rank].to(local.dtype))

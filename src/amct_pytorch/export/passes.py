@@ -192,8 +192,8 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
                 init = numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), name)
                 proto.graph.initializer.append(init)
                 q.input[0] = name
-                setattr(q, "axis", axis)
-                setattr(dq, "axis", axis)
+                set_attr(q, "axis", axis)
+                set_attr(dq, "axis", axis)
                 dead_values.update((dq.output[0], q.output[0]))
                 dq.output[0] = out_name
         else:
@@ -212,7 +212,7 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
                 init = numpy_helper.from_array(codes, name)
                 dq.input[0] = name
             proto.graph.initializer.append(init)
-            setattr(dq, "axis", axis)
+            set_attr(dq, "axis", axis)
             dead_values.add(dq.output[0])  # its shape may change with a folded transpose
             dq.output[0] = out_name
             drop.add(id(q))
@@ -222,7 +222,7 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
             bias = list(gemm.input[2:3])
             del gemm.input[2:]
             for a in ("alpha", "beta", "transA", "transB"):
-                setattr(gemm, a, None)
+                set_attr(gemm, a, None)
             after = before.setdefault(("after", id(gemm)), [])
             y = gemm.output[0]
             # A Gemm's input is 2-D. ONNX Runtime fuses a 2-D MatMul + Add back into a Gemm (quantizing
