@@ -58,3 +58,33 @@ def autocast_off():
         except (RuntimeError, ValueError):  # a device type this build does not know
             continue
     return stack
+
+
+def cpu_kernel_features() -> dict:
+    """The CPU features that decide which integer kernels ONNX Runtime (and llama.cpp) pick: they
+    read CPUID, not torch's settings. `int8_kernel` names ORT's x86 u8s8 path: "vnni" (exact),
+    "avx2-pairwise" (vpmaddubsw: adjacent products summed in saturating int16) or "other"."""
+    import platform
+
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+                elif key in ("model name", "Model") and value.strip():
+                    model = value.strip()
+    except OSError:  # not Linux: the machine name only
+        pass
+    vnni = bool(flags & {"avx512_vnni", "avx_vnni"})
+    avx512 = "avx512bw" in flags
+    arch = platform.machine()
+    if arch in ("x86_64", "AMD64"):
+        kernel = "vnni" if vnni else "avx2-pairwise" if ("avx2" in flags or avx512) else "other"
+    else:
+        kernel = "other"  # ARM64: dot-product instructions, no pairwise int16 saturation
+    return {"model": model, "arch": arch, "avx2": "avx2" in flags, "avx512bw": avx512, "vnni": vnni,
+            "int8_kernel": kernel}
