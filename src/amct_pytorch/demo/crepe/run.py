@@ -10,62 +10,19 @@ the demo compares with letting them train (batch statistics, running statistics 
 from __future__ import annotations
 
 import copy
-import logging
-import os
-import statistics
-import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import parse_config
-from ..convert import calibrate, qat_layers, to_qat
-from . import crepe_data
-from .crepe import FRAME, load_crepe, local_average_cents, pitch_metrics
-from .run import CLIP_NAMES, Setting, Timer, _progress, optimizer_step
-
-BN_MODES = ("frozen", "train")
-LOSSES = ("distil", "pitch")
-
-
-SETTINGS = (
-    Setting("w8a8", "W8A8 per-tensor (seed default config)", {}, steps=60),
-    Setting("w4a8", "W4A8 per-tensor: INT4 weights, INT8 activations",
-            {"retrain_weight_config": {"dst_type": "INT4"}}, steps=150),
-)
-
-
-@dataclass
-class CrepeOptions:
-    capacity: str = "tiny"
-    steps: int | None = None  # None: each setting's own count
-    batch_size: int = 64  # frames per training step
-    calib_frames: int = 256  # frames per calibration batch
-    eval_frames: int = crepe_data.EVAL_FRAMES
-    curve_frames: int = 1024  # first frames of the eval set, evaluated along training for the plot
-    eval_points: int = 4
-    # measured on w4a8 (150 steps, 2048 eval frames): weights lr 1e-4 -> RPA 98.1%, 3e-4 -> 99.95%
-    # (7.3 cents), 1e-3 -> 99.95% (5.3 cents; float 99.90%, 5.7 cents)
-    lr_weights: float = 1e-3
-    lr_clips: float = 1e-2
-    lr_weight_scales: float = 1e-3
-    loss: str = "distil"  # distil: BCE to the float saliences; pitch: BCE to CREPE's Gaussian targets
-    bn_mode: str = "frozen"
-    bn_compare: str | None = "w4a8"  # setting on which the other BatchNorm mode is also run and reported
-    latency_batch: int = 256
-    latency_runs: int = 5
-    seed: int = 0
-    settings: tuple = SETTINGS
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {LOSSES}, got {self.loss!r}")
-        if self.bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode: expected one of {BN_MODES}, got {self.bn_mode!r}")
+from ...config import parse_config
+from ...convert import calibrate, to_qat
+from ..common.settings import Setting
+from ..common.training import Timer, clip_ranges, train_loop
+from . import data as crepe_data
+from .model import gaussian_targets, load_crepe, local_average_cents, pitch_metrics
+from .settings import CrepeOptions
 
 
 class PitchEval:
@@ -91,10 +48,6 @@ class PitchEval:
         return self.metrics(self.salience(model))
 
 
-def clip_ranges(model) -> dict[str, list[float]]:
-    return {n: [m.acts_clip_min.item(), m.acts_clip_max.item()] for n, m in qat_layers(model).items()}
-
-
 def set_bn_mode(model: nn.Module, mode: str) -> None:
     """frozen: BatchNorms compute with their running statistics even in train mode;
     train: batch statistics in train mode, running statistics updated (momentum 0.1)."""
@@ -113,39 +66,21 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 def train(student, teacher, curve: PitchEval, opts: CrepeOptions, steps: int, bn_mode: str, seed: int,
           desc="QAT training") -> dict[str, list]:
-    groups = {"clips": [], "weight_scales": [], "weights": []}
-    for name, p in student.named_parameters():
-        if p.requires_grad:
-            kind = ("clips" if name.endswith(CLIP_NAMES) else
-                    "weight_scales" if name.endswith("wts_scales") else "weights")
-            groups[kind].append(p)
-    lrs = {"clips": opts.lr_clips, "weight_scales": opts.lr_weight_scales, "weights": opts.lr_weights}
-    optim = torch.optim.Adam([{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps])
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps))
-    checkpoints = {round(k * steps / opts.eval_points) for k in range(1, opts.eval_points + 1)}
-    history = {"step": [], "loss": [], "eval_step": [0], "eval_rpa": [curve(student)["rpa"]]}
     stream = crepe_data.ToneStream(opts.batch_size, seed=seed)
-    with _progress(steps, desc, opts.progress) as bar:
-        for step in range(1, steps + 1):
-            frames, cents = next(stream)
-            if opts.loss == "distil":
-                with torch.no_grad():
-                    target = teacher(frames)
-            else:
-                from .crepe import gaussian_targets
-                target = gaussian_targets(cents)
-            student.train()
-            set_bn_mode(student, bn_mode)
-            # BCE minus the targets' own entropy (same gradient): 0 when the student matches them
-            loss = (F.binary_cross_entropy_with_logits(student.logits(frames), target)
-                    - _entropy(target))
-            optimizer_step(loss, optim, sched, step, history, bar, ".4f")
-            if step in checkpoints:
-                history["eval_step"].append(step)
-                history["eval_rpa"].append(curve(student)["rpa"])
-    student.eval()
-    return history
+
+    def step_loss(step):
+        frames, cents = next(stream)
+        if opts.loss == "distil":
+            with torch.no_grad():
+                target = teacher(frames)
+        else:
+            target = gaussian_targets(cents)
+        student.train()
+        set_bn_mode(student, bn_mode)
+        # BCE minus the targets' own entropy (same gradient): 0 when the student matches them
+        return F.binary_cross_entropy_with_logits(student.logits(frames), target) - _entropy(target)
+
+    return train_loop(student, opts, steps, step_loss, lambda: curve(student)["rpa"], "eval_rpa", desc, ".4f")
 
 
 def calibrated(model, config, opts: CrepeOptions):
@@ -190,91 +125,6 @@ def run_setting(setting: Setting, model, evaluator: PitchEval, curve: PitchEval,
         "clip_ranges": {"before": before, "after": clip_ranges(student)},
         "_student": student, "_salience": salience,
     }
-
-
-# ---- ONNX ------------------------------------------------------------------------------
-class _QuietExport:
-    """Hide two harmless exporter logs: onnxscript's constant folder skipping shape ops and
-    torch's note that torchvision ops are not registered."""
-
-    NAMES = ("onnxscript.optimizer._constant_folding", "torch.onnx._internal.exporter._registration")
-
-    def __enter__(self):
-        self.warnings = warnings.catch_warnings()
-        self.warnings.__enter__()
-        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-        self.levels = {n: logging.getLogger(n).level for n in self.NAMES}
-        for n in self.NAMES:
-            logging.getLogger(n).setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        for n, level in self.levels.items():
-            logging.getLogger(n).setLevel(level)
-        self.warnings.__exit__(*exc)
-
-
-def export_float(model, path) -> dict:
-    """The float model through torch.onnx.export (dynamo, dynamic batch), for the latency baseline."""
-    start = time.perf_counter()
-    with _QuietExport():
-        torch.onnx.export(model.eval(), (torch.zeros(8, FRAME),), path, dynamo=True, external_data=False,
-                          input_names=["input_0"], dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
-    return {"path": str(path), "size_bytes": os.path.getsize(path), "time_s": round(time.perf_counter() - start, 2)}
-
-
-def export_check(student, evaluator: PitchEval, torch_salience, path) -> dict:
-    """Export the QAT model with amct_pytorch.export_onnx (dynamic batch), run the artifact in
-    ONNX Runtime on the whole eval set: max abs diff to PyTorch and the artifact's own RPA."""
-    from ..export import export_onnx, ort_session
-
-    start = time.perf_counter()
-    with _QuietExport():  # rounding ties can move one activation by a grid step: check=False, measured below
-        export_onnx(student.eval(), (evaluator.frames[:8],), path, check=False)
-    export_s = time.perf_counter() - start
-    session = ort_session(path)
-    name = session.get_inputs()[0].name
-    b = evaluator.batch_size
-    got = torch.cat([torch.from_numpy(session.run(None, {name: evaluator.frames[i:i + b].numpy()})[0])
-                     for i in range(0, len(evaluator.frames), b)])
-    diff = (got.double() - torch_salience.double()).abs()
-    metrics = evaluator.metrics(got)
-    return {"path": str(path), "size_bytes": os.path.getsize(path), "frames": len(got),
-            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "ort_rpa": metrics["rpa"], "ort_cents_error": metrics["cents_error"],
-            "export_s": round(export_s, 2), "time_s": round(time.perf_counter() - start, 2)}
-
-
-def ort_latency(path, batch: int, runs: int) -> dict:
-    """Median wall time of one ONNX Runtime run on `batch` frames, 1 thread, default graph
-    optimizations; also the op types of the optimized graph (whether QLinearConv appeared)."""
-    import onnx
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    optimized = f"{path}.ort_optimized.onnx"
-    opts.optimized_model_filepath = optimized
-    opts.log_severity_level = 3  # its note that a saved optimized graph is hardware specific is expected
-    session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: crepe_data.synthesize(batch, 7)[0].numpy()}
-    session.run(None, feed)  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    ops = {}
-    try:
-        for node in onnx.load(optimized).graph.node:
-            key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
-            ops[key] = ops.get(key, 0) + 1
-    finally:
-        if os.path.exists(optimized):
-            os.remove(optimized)
-    return {"median_ms": round(1000 * statistics.median(times), 1), "min_ms": round(1000 * min(times), 1),
-            "runs": runs, "batch": batch, "threads": 1,
-            "optimized_ops": {k: ops[k] for k in sorted(ops)}}
 
 
 @dataclass
