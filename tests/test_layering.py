@@ -29,6 +29,10 @@ LAYERS = [
 LAZY_IMPORTS = {
     # transformers is optional: `import amct_pytorch` must not import it
     ("amct_pytorch", "amct_pytorch.hf"),
+    # a demo's main (transformers, matplotlib, its data) loads only when that demo runs, so that
+    # `amct-qat --help` and the other demo start fast and tests can patch main.run_*_demo
+    ("amct_pytorch.demo.minilm.cli", "amct_pytorch.demo.minilm.main"),
+    ("amct_pytorch.demo.crepe.cli", "amct_pytorch.demo.crepe.main"),
 }
 
 

@@ -5,11 +5,10 @@ import argparse
 import operator
 
 from ..common.cli import Demo, Option, positive_int
+from .settings import parse_settings
 
 
 def _settings(value: str) -> str:
-    from .settings import parse_settings
-
     try:
         parse_settings(value)
     except ValueError as err:
