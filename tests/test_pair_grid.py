@@ -171,7 +171,8 @@ def test_pair_mse_scale_never_worse_than_its_base():
         return ((pg.pair_codes(w, s).float() * s.reshape(-1, 1) - w) ** 2).sum(dim=1)
 
     assert torch.all(err(best) <= err(base))
-    assert torch.all(best <= base)
+    # with ARQ's step every channel's +-127 forces same-sign partners down: a larger step helps
+    assert (err(best) < err(base)).sum() >= 8 and torch.all(best[err(best) < err(base)] > base[err(best) < err(base)])
 
 
 @pytest.mark.parametrize("kwargs, match", [

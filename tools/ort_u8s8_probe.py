@@ -137,6 +137,15 @@ def cases(rng: np.random.Generator):
     xq[0] = np.where(w[:, 0] >= 0, 127, -128)
     out.append(("mm_rand_capped", "mm", cap_pairs(w), None, xq))
     out.append(("mm_rand_7bit", "mm", rng.integers(-64, 64, (k, n)), None, xq))
+    # a long reduction (MiniLM's FFN-out K): int8 wrong, capped / 7-bit / uint8 storage exact; with
+    # K = 1536 the activation row sums no longer fit int16 (the u8u8 kernel's zero-point term)
+    k, n, m = 1536, 8, 3
+    w = rng.integers(-128, 128, (k, n))
+    xq = rng.integers(-128, 128, (m, k))
+    xq[0], xq[1] = 127, -128
+    out.append(("mm_k1536", "mm", w, None, xq))
+    out.append(("mm_k1536_capped", "mm", cap_pairs(w), None, xq))
+    out.append(("mm_k1536_7bit", "mm", rng.integers(-64, 64, (k, n)), None, xq))
     # requantized MatMul -> QLinearMatMul
     k, n, m = 16, 8, 4
     w = rng.integers(-40, 41, (k, n))
@@ -198,9 +207,9 @@ def main(path: str) -> None:
                 meta["cases"][full] = {"kind": kind, "ops": ops, "seconds": time.perf_counter() - t0,
                                        "groups": groups or 1}
                 record[full + "/y"] = y
-                record[full + "/codes"] = codes.astype(np.int16)
+                record[full + "/codes"] = codes.astype(np.int8)
                 record[full + "/w_scale"] = scales
-                record[full + "/x_codes"] = xq.astype(np.int16)
+                record[full + "/x_codes"] = xq.astype(np.int8)
     record["meta"] = np.array(json.dumps(meta))
     np.savez_compressed(path, **record)
     print(json.dumps({k: v["ops"] for k, v in meta["cases"].items()}, indent=0))

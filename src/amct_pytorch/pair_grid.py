@@ -224,11 +224,19 @@ def arq_scale_int7(weight: torch.Tensor, channel_wise: bool = True) -> torch.Ten
     return arq_scale(weight, 7, channel_wise)
 
 
+# candidate steps for pair_mse_scale, as multiples of the max-abs step: 1.0 first (ties keep it),
+# then larger steps (fewer codes above 64, so fewer pairs to cap; at 2.0 the codes fit 7 bits)
+# and smaller ones (clipping the largest weights, as functional.mse_scale)
+PAIR_MSE_RATIOS = (1.0,) + tuple(round(1.0 + 0.02 * k, 2) for k in range(1, 51)) + \
+    tuple(round(1.0 - 0.02 * k, 2) for k in range(1, 26))
+
+
 def pair_mse_scale(weight: torch.Tensor, base_scale: torch.Tensor, order: str = "linear", groups: int = 1,
-                   ratios=tuple(round(1.0 - 0.01 * k, 2) for k in range(31))) -> torch.Tensor:
-    """The step r * base_scale (r in `ratios`, 1.0 first so ties keep base) that minimises the
+                   ratios=PAIR_MSE_RATIOS) -> torch.Tensor:
+    """The step r * base_scale (r in `ratios`, the first kept on ties) that minimises the
     pair-capped grid's squared weight error, per scale. With ARQ's max-abs step every channel holds
-    a +-127 code whose same-sign partners must give way; a slightly smaller step can cost less."""
+    a +-127 code whose same-sign partners must give way; a larger step shrinks all codes so that
+    fewer pairs reach the cap, at the price of a coarser grid."""
     _check(weight, base_scale, order, groups)
     w = weight.detach()
     out = w.shape[0]
