@@ -38,7 +38,8 @@ def test_codes_satisfy_the_pair_rule_in_the_kernels_order(shape, order, groups, 
     np.testing.assert_array_equal(kn_codes[~rows], kn_plain[~rows])
     # the emulated kernel computes the capped layer exactly under the worst activations
     acts = np.concatenate([np.full((1, kn_codes.shape[0]), 255), np.where(kn_codes > 0, 255, 0).T])
-    np.testing.assert_array_equal(sat.qgemm(acts, kn_codes, 128, 0, "u8s8_pairs"), sat.qgemm(acts, kn_codes, 128, 0, "exact"))
+    np.testing.assert_array_equal(sat.qgemm(acts, kn_codes, 128, 0, "u8s8_pairs"),
+                                  sat.qgemm(acts, kn_codes, 128, 0, "exact"))
 
 
 def test_a_capped_pair_is_the_nearest_feasible_integer_point():
@@ -158,7 +159,8 @@ def test_depthwise_conv_is_left_unconstrained():
     w = torch.full((4, 1, 3, 3), 1.0)
     s = torch.full((4,), 1.0 / 127)
     assert int(pg.pair_codes(w, s, "conv", groups=4).min()) == 127
-    assert int(pg.pair_codes(w, s, "conv", groups=2).reshape(4, -1)[:, 1].max()) == 64   # multiplier 2: (127, 127) -> (64, 64)
+    # channel multiplier 2: the tap pairs are capped, (127, 127) -> (64, 64)
+    assert int(pg.pair_codes(w, s, "conv", groups=2).reshape(4, -1)[:, 1].max()) == 64
 
 
 def test_pair_mse_scale_never_worse_than_its_base():

@@ -87,7 +87,8 @@ def test_conv_pair_that_crosses_a_tap_is_flagged_and_depthwise_is_exempt():
     np.testing.assert_array_equal(sat.pair_violations(w, "conv"), [[2, 3, 0]])
     dw = np.full((4, 1, 3, 3), 127)
     assert len(sat.pair_violations(dw, "conv", groups=4)) == 0          # ORT's exact depthwise kernel
-    assert len(sat.pair_violations(np.full((8, 1, 3, 3), 127), "conv", groups=4)) == 8 * 4  # multiplier 2: 4 pairs of taps per channel
+    # channel multiplier 2: a GEMM over the 9 taps, 4 violating tap pairs per channel
+    assert len(sat.pair_violations(np.full((8, 1, 3, 3), 127), "conv", groups=4)) == 8 * 4
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -151,12 +152,37 @@ def test_codes_within_the_rule_are_exact_under_every_activation_and_violations_a
     assert len(sat.pair_violations(capped)) == 0
     acts = np.concatenate([np.full((1, 64), 255), np.zeros((1, 64), np.int64), rng.integers(0, 256, (30, 64)),
                            np.where(capped > 0, 255, 0).T[:4], np.where(capped < 0, 255, 0).T[:4]])
-    np.testing.assert_array_equal(sat.qgemm(acts, capped, 128, 0, "u8s8_pairs"), sat.qgemm(acts, capped, 128, 0, "exact"))
+    np.testing.assert_array_equal(sat.qgemm(acts, capped, 128, 0, "u8s8_pairs"),
+                                  sat.qgemm(acts, capped, 128, 0, "exact"))
     # each column with a violating pair goes wrong under its own worst activation row
     worst = np.where(b > 0, 255, 0).T          # row n: 255 where column n is positive
     wrong = sat.qgemm(worst, b, 128, 0, "u8s8_pairs") != sat.qgemm(worst, b, 128, 0, "exact")
     pos_bad = ((a0 > 0) & (a1 > 0) & (a0 + a1 > 128)).any(axis=0)
     np.testing.assert_array_equal(np.diag(wrong), pos_bad)
+
+
+def test_worst_case_error_is_attained_by_the_constructed_input_and_never_exceeded():
+    rng = np.random.default_rng(9)
+    b = rng.integers(-128, 128, (40, 12))
+    b[:, 0] = 0
+    b[0, 0] = b[1, 0] = -128           # a column whose only violation is negative
+    bound = sat.worst_case_error(b)
+    exact = lambda a: sat.qgemm(a, b, 0, 0, "exact")
+    pairs = lambda a: sat.qgemm(a, b, 0, 0, "u8s8_pairs")
+    # the input that attains it: 255 on the column's positive (or negative) same-sign pairs
+    for n in range(b.shape[1]):
+        best = 0
+        for sign in (1, -1):
+            a = np.where(sign * b[:, n] > 0, 255, 0)[None]
+            best = max(best, int(abs(exact(a) - pairs(a))[0, n]))
+        assert best == bound[n]
+    # random and extreme inputs never exceed it
+    acts = np.concatenate([rng.integers(0, 256, (200, 40)), np.full((1, 40), 255), np.zeros((1, 40), np.int64)])
+    assert np.all(np.abs(exact(acts) - pairs(acts)) <= bound[None])
+    summary = sat.layer_summary(b)
+    assert not summary["exact_on_every_cpu"] and summary["first_violation"][:2] == (0, 1)
+    assert summary["worst_case_accumulator_error"] == bound.max() > 0
+    assert sat.layer_summary(np.clip(b, -64, 63))["exact_on_every_cpu"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +219,9 @@ def _check_record(d, kernel):
         flagged = not name.endswith("_u8w") and len(sat.pair_violations(d[name + "/codes"], order, info["groups"])) > 0
         wrong = not np.array_equal(exact, y)
         assert wrong == (flagged and kernel == "u8s8_pairs"), name
+        if info["kind"] == "mm" and not name.endswith("_u8w"):   # the worst-case bound holds on real ORT
+            bound = sat.worst_case_error(d[name + "/codes"], "matmul") * SX * d[name + "/w_scale"]
+            assert np.all(np.abs(exact - y) <= bound[None]), name
         flagged_and_wrong.append(flagged and wrong)
     return meta, flagged_and_wrong
 

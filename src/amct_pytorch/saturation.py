@@ -166,6 +166,36 @@ def pair_violations(codes, order: str = "matmul", groups: int = 1) -> np.ndarray
     return np.stack([2 * j, 2 * j + 1, n], axis=1).astype(np.int64) if j.size else np.zeros((0, 3), np.int64)
 
 
+def worst_case_error(codes, order: str = "matmul", groups: int = 1) -> np.ndarray:
+    """(N,) int64: the largest |exact - u8s8| accumulator error any uint8 activation can cause in
+    each output column (multiply by s_x * s_w for output units). A positive pair saturates at
+    32767 and loses at most 255 (q_a + q_b) - 32767 (all activations 255), a negative one at
+    -32768 and gains at most 255 (|q_a| + |q_b|) - 32768; the pairs of one column use different
+    activations, so the worst input drives all its positive pairs (others at 0) or all its
+    negative ones: max(sum of positive losses, sum of negative gains). 0 for exact layers."""
+    shape = np.shape(codes)
+    _check_groups(order, shape, groups)
+    kn = _int_array("codes", reduction_view(codes, order), -128, 127)
+    a, b = _pairs(kn)
+    pos = np.where((a > 0) & (b > 0), np.maximum(255 * (a + b) - INT16_MAX, 0), 0).sum(axis=0)
+    neg = np.where((a < 0) & (b < 0), np.maximum(-255 * (a + b) + INT16_MIN, 0), 0).sum(axis=0)
+    err = np.maximum(pos, neg).astype(np.int64)
+    if order == "conv" and is_depthwise(shape, groups):
+        err[:] = 0
+    return err
+
+
+def layer_summary(codes, order: str = "matmul", groups: int = 1) -> dict:
+    """A per-layer record for export reports: whether the stored int8 codes are exact on every CPU
+    under the u8s8 pair rule, how many pairs break it, the first one (k, k + 1, n) in the
+    reduction view, and the worst-case accumulator error over the columns."""
+    mask = pair_violation_mask(codes, order, groups)
+    where = pair_violations(codes, order, groups)
+    return {"exact_on_every_cpu": not bool(mask.any()), "violating_pairs": int(mask.sum()),
+            "pairs": int(mask.size), "first_violation": tuple(int(t) for t in where[0]) if len(where) else None,
+            "worst_case_accumulator_error": int(worst_case_error(codes, order, groups).max(initial=0))}
+
+
 # ----------------------------------------------------------------------------------------------
 # emulated integer GEMM / conv
 # ----------------------------------------------------------------------------------------------
