@@ -16,6 +16,8 @@ Cases (name -> graph):
   conv_*    x -> Q -> DQ -> Conv(DQ(W int8 (O, C, kh, kw), per-channel), no bias) -> Q -> DQ
             (ORT fuses to QLinearConv)
   *_u8w     the same codes stored as uint8 q + 128 with zero point 128
+  *_capped / *_7bit  pair-capped and 7-bit int8 codes; conv_g2 / conv_dw / conv_dw_m2 grouped,
+            depthwise and depthwise-with-multiplier convs; mm_k1536* a long reduction
 The script writes, per case, the inputs, the weight codes and the ORT output, plus the op types
 of ORT's optimized graph, into one .npz file.
 """
