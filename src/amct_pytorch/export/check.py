@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .matmulnbits import matmulnbits_codes
 from .onnx_graph import OnnxGraph, attr
+from .ort import autocast_off, flat_outputs, ort_session
 
 U32 = 2.0**-24  # unit roundoff of float32
 
@@ -148,8 +150,6 @@ def _dequantized(g: OnnxGraph, dq_node, codes_name=None) -> np.ndarray:
 def _weight(g: OnnxGraph, prod, site) -> np.ndarray:
     op = site.node
     if op.op_type == "MatMulNBits":
-        from .matmulnbits import matmulnbits_codes
-
         n, k, block = attr(op, "N"), attr(op, "K"), attr(op, "block_size")
         codes = matmulnbits_codes(g.array(op.input[1])).astype(np.float64)[:, :k]
         scales = g.array(op.input[2]).astype(np.float64).reshape(n, -1)
@@ -259,8 +259,6 @@ def check_artifact(model, path, folded, input_sets, *, session_options=None, ato
     run's, or (with `atol`) when a final output differs from the model's by more than `atol`.
     """
     import onnx  # optional dependency
-
-    from .ort import autocast_off, flat_outputs, ort_session
 
     proto = onnx.load(path)
     sites = find_sites(proto, folded)
