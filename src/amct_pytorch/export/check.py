@@ -29,6 +29,7 @@ import numpy as np
 from .matmulnbits import matmulnbits_codes
 from .onnx_graph import OnnxGraph, attr
 from .ort import autocast_off, flat_outputs, ort_session
+from ..saturation import pair_violations
 
 U32 = 2.0**-24  # unit roundoff of float32
 
@@ -240,6 +241,40 @@ def check_layers(proto, sites, values: dict[str, np.ndarray]) -> list[LayerCheck
     return results
 
 
+def saturating_pairs(proto, sites) -> None:
+    """Raise ArtifactCheckError naming the first layer whose stored int8 weight codes hold a pair
+    that ORT's u8s8 kernel can saturate on x86 CPUs without VNNI (amct_pytorch.saturation): such an
+    artifact is wrong there even when it is right on this CPU, so this part of the check does not
+    depend on the CPU it runs on."""
+    from onnx import TensorProto  # optional dependency
+
+    g = OnnxGraph(proto.graph)
+    prod = _producer(proto)
+    for s in sites:
+        op = s.node
+        if op.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        dq = prod.get(op.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in g.consts:
+            continue
+        if g.consts[dq.input[0]].data_type != TensorProto.INT8:
+            continue
+        codes = g.array(dq.input[0])
+        order = {"MatMul": "matmul", "Conv": "conv"}.get(op.op_type)
+        if op.op_type == "Gemm":
+            order = "linear" if attr(op, "transB", 0) else "matmul"
+        groups = int(attr(op, "group", 1)) if op.op_type == "Conv" else 1
+        where = pair_violations(codes, order, groups)
+        if len(where):
+            k, k1, n = (int(v) for v in where[0])
+            raise ArtifactCheckError(
+                f"layer {s.layer!r} ({op.op_type}) stores int8 weight codes with {len(where)} pair(s) that saturate "
+                f"ONNX Runtime's u8s8 kernel on x86 CPUs without VNNI (first: positions {k}, {k1} of output {n} in "
+                "the kernel's reduction order): the artifact computes wrong values there, whatever this CPU shows. "
+                "Export with int8_storage='auto' (the default: such layers are stored as uint8 + 128), or train "
+                "with retrain_weight_config.kernel_grid (docs/export.md, \"Exact on every CPU\").")
+
+
 class ArtifactCheckError(RuntimeError):
     """The exported artifact does not compute what the model computes (the message names the layer)."""
 
@@ -262,6 +297,7 @@ def check_artifact(model, path, folded, input_sets, *, session_options=None, ato
 
     proto = onnx.load(path)
     sites = find_sites(proto, folded)
+    saturating_pairs(proto, sites)
     plain = ort_session(path, session_options)
     probe_proto = instrumented(proto, sites)
     probe = ort_session_from_proto(probe_proto, session_options)

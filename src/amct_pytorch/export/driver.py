@@ -29,6 +29,7 @@ from ..ops import INT4_OPSET, onnx_translations
 from ..runtime import pinned_qparams
 from .onnx_graph import FoldedWeight
 from .check import LayerCheck, check_artifact
+from .storage import check_storage
 from .ort import autocast_off
 from .passes import (GROUP_WISE_INT4_FORMS, fold_weight_quantizers, keep_relu_before_int4_quantizers,
                      static_dim_params, unshare_activation_quantizers)
@@ -156,7 +157,8 @@ BIAS_MODES = ("float", "int32")
 def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, check: bool = True,
                 atol: float | None = None, dynamic: bool = True, static_dims=None, dynamic_shapes=None,
                 integer_weights: bool = True, bias: str = "float", session_options=None,
-                check_inputs=None, group_wise_int4: str = "matmulnbits") -> ExportResult:
+                check_inputs=None, group_wise_int4: str = "matmulnbits",
+                int8_storage: str = "auto") -> ExportResult:
     """Export `model` (eval mode, QAT layers calibrated) to ONNX QDQ and check it in ONNX Runtime.
 
     Shapes: with `dynamic`, every input dimension the model lets vary is dynamic (batch,
@@ -191,6 +193,7 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
         raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
     if group_wise_int4 not in GROUP_WISE_INT4_FORMS:
         raise ValueError(f"group_wise_int4: expected one of {GROUP_WISE_INT4_FORMS}, got {group_wise_int4!r}")
+    check_storage(int8_storage)
     if dynamic_shapes is not None and not dynamo:
         raise ValueError("dynamic_shapes: is torch.export's argument (dynamo=True); with dynamo=False use "
                          "static_dims, or torch.onnx.export(..., dynamic_axes=...) directly")
@@ -239,7 +242,8 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
         proto = onnx.load(path)
         static_dim_params(proto)
         unshare_activation_quantizers(proto)
-        folded = tuple(fold_weight_quantizers(proto, integer=integer_weights, group_wise_int4=group_wise_int4))
+        folded = tuple(fold_weight_quantizers(proto, integer=integer_weights, group_wise_int4=group_wise_int4,
+                                              int8_storage=int8_storage))
         keep_relu_before_int4_quantizers(proto)
         onnx.save(proto, path)
         result = ExportResult(path, None, folded, _onnx_input_dims(path))
