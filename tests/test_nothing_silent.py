@@ -51,7 +51,7 @@ def test_summary_lists_every_float_weight_with_reason_and_share_and_warns_once()
     assert summary.float_params == float_count and summary.weight_params == total
     assert summary.float_share == pytest.approx(float_count / total)
     shown = str(summary)
-    assert "lstm: left float (no QAT layer for nn.LSTM" in shown
+    assert "lstm: left as is (no QAT layer for nn.LSTM" in shown
     assert f"{100 * float_count / total:.1f}% of the model's weight parameters" in shown
 
 
@@ -125,7 +125,7 @@ def test_optimizer_built_before_to_qat_warns_and_add_qat_params_fixes_it():
     to_qat(model, {"retrain_data_config": {"batch_num": 1}})
     calibrate(model, [torch.randn(8, 16)], progress=False)
     model.train()
-    with pytest.warns(UserWarning, match=r"(?s)0\.acts_clip_max.*never change.*add_qat_params"):
+    with pytest.warns(UserWarning, match=r"(?s)never change.*0\.acts_clip_max.*add_qat_params"):
         _steps(model, opt, 4)
     assert model[0].acts_clip_max.grad is not None
     added = add_qat_params(opt, model)
@@ -193,7 +193,7 @@ def test_never_reached_layer_is_reported_as_such_and_export_needs_only_used_laye
             return self.m(x, use_b=True)
 
     with pytest.raises(RuntimeError, match=r"^m\.head_b: activation calibration has not finished"):
-        export_onnx(UsesB(model), (torch.randn(4, 16),), tmp_path / "b.onnx")
+        export_onnx(UsesB(model).eval(), (torch.randn(4, 16),), tmp_path / "b.onnx")
 
 
 def test_bf16_model_names_the_layer_and_the_remedy():
