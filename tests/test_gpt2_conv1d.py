@@ -131,17 +131,15 @@ def test_gpt2_trains_exports_with_dynamic_sequence_and_round_trips_through_hf(tm
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     clip = model.transformer.h[0].attn.c_attn.acts_clip_max
     before = clip.detach().clone()
-    losses = []
     for step in range(4):
         x = ids(seed=10 + step)
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
     assert not torch.equal(clip.detach(), before)  # the clip bound learned
     model.eval()
-    wrapped = Logits(model)
+    wrapped = Logits(model).eval()
     result = export_onnx(wrapped, (ids(2, 8, seed=3),), tmp_path / "gpt2.onnx", atol=ATOL,
                          check_inputs=[(ids(3, 13, seed=4),)])
     assert result.max_abs_diff <= ATOL
@@ -150,7 +148,7 @@ def test_gpt2_trains_exports_with_dynamic_sequence_and_round_trips_through_hf(tm
     # each projection is a MatMul on the stored (in, out) weight: integer codes, DequantizeLinear axis 1
     inits = {i.name: i for i in proto.graph.initializer}
     conv1d_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-                 and tuple(inits[n.input[0]].dims) in ((32, 96), (32, 32), (32, 64), (64, 32))]
+                 and ".transformer.h." in n.input[0]]
     assert len(conv1d_dq) == 8
     assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in conv1d_dq)
     consumers = {i: n.op_type for n in proto.graph.node for i in n.input}
