@@ -202,9 +202,14 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
     fold_batchnorm: first fold every BatchNorm that directly follows a conv into it
         (amct_pytorch.fold_batchnorm; the result is `summary.batchnorm`, BatchNorms left
         float are listed there and warned about).
-    Everything is validated before the model is touched. Weights and biases are shared
+    Everything is validated before the model is touched (a bf16/fp16 layer, or an existing QAT
+    layer with another config, is an error naming it). Weights and biases are shared
     with the original layers (the same Parameter objects), so an optimizer built before
-    conversion still sees them. A layer registered under several names is converted
+    conversion still sees them, but not the clip bounds and weight scales created here: add
+    those with `amct_pytorch.add_qat_params(optimizer, model)` (a warning names them when they
+    get gradients over several steps in no optimizer). `summary.left_float` lists every module
+    with parameters that stays float and why; weight-bearing layers of types without a QAT
+    layer (RNNs, nn.Bilinear, ...) are warned about once (UnconvertedLayerWarning). A layer registered under several names is converted
     once and replaced at every name (it is reported under its first name).
     """
     if not isinstance(model, nn.Module):
@@ -474,7 +479,9 @@ def calibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = Non
     num_batches: how many batches to run; default: the largest `batch_num` among the
         layers still calibrating (at least 1). Running more just repeats no-op updates.
     The model's train/eval modes are restored afterwards. Returns the batches run.
-    Raises ValueError if the data ran out before every layer finished calibrating.
+    Raises ValueError if the data ran out before every layer the forward called finished
+    calibrating; layers the forward never called are named in a warning. A tuple batch the
+    model does not take as positional arguments is a TypeError pointing to `forward=`.
     """
     layers = _require_layers(model, "calibrate")
     if num_batches is None:

@@ -81,7 +81,8 @@ def add_qat_params(optimizer: torch.optim.Optimizer, model: nn.Module, **group_o
 # a .grad but is held by no optimizer seen stepping gets a strike; a parameter found held is dropped
 # from the watch list. Reading .grad and the param groups never touches device memory, so there is
 # no host-device synchronisation on accelerators (comparing values would need one).
-_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parameter -> [name, strikes]
+# id(parameter) -> [weak reference, name, strikes] (a WeakKeyDictionary would compare tensors with ==)
+_WATCHED: dict[int, list] = {}
 _OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
 _HOOK = []
 
@@ -89,7 +90,7 @@ _HOOK = []
 def watch_qat_params(params: dict[str, nn.Parameter]) -> None:
     """Watch these parameters ({name: parameter}) for the warning described in the module doc."""
     for name, p in params.items():
-        _WATCHED[p] = [name, 0]
+        _WATCHED[id(p)] = [weakref.ref(p), name, 0]
     if params and not _HOOK:
         _HOOK.append(register_optimizer_step_post_hook(after_optimizer_step))
 
@@ -97,18 +98,19 @@ def watch_qat_params(params: dict[str, nn.Parameter]) -> None:
 def after_optimizer_step(optimizer, args, kwargs) -> None:
     """torch's optimizer step post-hook behind `watch_qat_params` (host-side bookkeeping only)."""
     _OPTIMIZERS.add(optimizer)
-    if not len(_WATCHED):
+    if not _WATCHED:
         return
     held = {id(p) for opt in list(_OPTIMIZERS) for group in opt.param_groups for p in group["params"]}
     stale = []
-    for p, entry in list(_WATCHED.items()):
-        if id(p) in held:
-            del _WATCHED[p]  # an optimizer holds it: nothing left to watch
+    for key, entry in list(_WATCHED.items()):
+        p = entry[0]()
+        if p is None or key in held:
+            del _WATCHED[key]  # gone, or an optimizer holds it: nothing left to watch
         elif p.grad is not None and p.requires_grad:
-            entry[1] += 1
-            if entry[1] >= STEPS_BEFORE_WARNING:
-                stale.append(entry[0])
-                del _WATCHED[p]
+            entry[2] += 1
+            if entry[2] >= STEPS_BEFORE_WARNING:
+                stale.append(entry[1])
+                del _WATCHED[key]
     if stale:
         shown = ", ".join(stale[:6]) + (f", ... ({len(stale)} in all)" if len(stale) > 6 else "")
         warnings.warn(
