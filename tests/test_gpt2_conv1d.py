@@ -154,6 +154,12 @@ def test_gpt2_trains_exports_with_dynamic_sequence_and_round_trips_through_hf(tm
     consumers = {i: n.op_type for n in proto.graph.node for i in n.input}
     assert all(consumers[n.output[0]] == "MatMul" for n in conv1d_dq)
     assert not any(n.op_type == "Gemm" for n in proto.graph.node)
+    # ONNX Runtime's default CPU session fuses each (Conv1D projections and lm_head) into an integer MatMul
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "gpt2.onnx"), options, providers=["CPUExecutionProvider"])
+    fused = [n for n in onnx.load(tmp_path / "optimized.onnx").graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 9
 
     amct.save_pretrained(model, tmp_path / "hf")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
