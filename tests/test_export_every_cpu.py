@@ -1,0 +1,190 @@
+"""Deployed = trained on every CPU: INT8 layers whose codes could saturate ONNX Runtime's u8s8 kernel
+(x86 without VNNI: adjacent products summed in saturating int16) are stored as uint8 + 128, and the
+export check refuses, on any CPU, an artifact that holds such a pair in int8 or whose layers do not
+compute their Q/DQ nodes (a quantized bias, a dropped Relu). Under `qemu-x86_64 -cpu Haswell`
+(apt-get install qemu-user) the artifact runs on ORT's real AVX2 kernels."""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import amct_pytorch as amct  # noqa: E402
+from amct_pytorch import LinearQAT, export_onnx  # noqa: E402
+from amct_pytorch.export.check import ArtifactCheckError, check_artifact, check_layers, find_sites, instrumented  # noqa: E402
+from amct_pytorch.saturation import pair_violations  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _calibrated(model, x, config):
+    amct.to_qat(model, config)
+    amct.calibrate(model, [x], progress=False)
+    return model.eval()
+
+
+def _one_saturating_pair():
+    """Two per-tensor INT8 linears whose codes are small except, in the first, one same-sign pair
+    (127, 2) at inputs 0 and 1 of output 0: |127| + |2| = 129 > 128."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        for lin in (model[0], model[2]):
+            lin.weight.copy_(torch.randint(-20, 21, lin.weight.shape).float() / 127)
+        model[0].weight[0, 0], model[0].weight[0, 1] = 1.0, 2 / 127
+        model[2].weight[0, 0] = 1.0  # a full-range code without a same-sign partner above 1
+        model[2].weight[0, 1] = -0.5
+    x = torch.randn(8, 16)
+    return _calibrated(model, x, {}), x
+
+
+def test_a_single_saturating_pair_is_refused_on_any_cpu(tmp_path):
+    model, x = _one_saturating_pair()
+    with pytest.raises(ArtifactCheckError, match=r"layer '0' \(MatMul\) stores int8 weight codes with 1 pair\(s\) "
+                                                 r"that saturate .* positions 0, 1 of output 0"):
+        export_onnx(model, (x,), tmp_path / "int8.onnx", int8_storage="int8")
+    result = export_onnx(model, (x,), tmp_path / "auto.onnx")  # the default: that layer goes uint8 + 128
+    storage = {f.source: f.storage for f in result.folded_weights}
+    assert storage == {"0.weight": "uint8", "2.weight": "int8"}
+    reason = next(f.reason for f in result.folded_weights if f.source == "0.weight")
+    assert "1 of " in reason and "uint8 + 128" in reason
+    assert all(c.ok for c in result.layer_checks) and [c.layer for c in result.layer_checks] == ["0", "2"]
+    view = amct.deploy_view(model)
+    assert view["0"].storage == "uint8" and view["0"].weight_zero_point == 128 and view["2"].storage == "int8"
+    proto = onnx.load(result.path)
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    u8 = next(f.name for f in result.folded_weights if f.storage == "uint8")
+    assert stored[u8].dtype == np.uint8
+    np.testing.assert_array_equal(stored[u8].astype(np.int32) - 128, view["0"].codes().numpy().T)
+
+
+def test_uint8_everywhere_and_int8_everywhere(tmp_path):
+    model, x = _one_saturating_pair()
+    result = export_onnx(model, (x,), tmp_path / "u8.onnx", int8_storage="uint8")
+    assert {f.storage for f in result.folded_weights} == {"uint8"}
+    with pytest.raises(ValueError, match=r"int8_storage: expected one of \('auto', 'int8', 'uint8'\), got 'u8'"):
+        export_onnx(model, (x,), tmp_path / "bad.onnx", int8_storage="u8")
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=128)
+            self.bert = transformers.BertModel(config)
+
+        def forward(self, ids):
+            return self.bert(input_ids=ids).last_hidden_state
+
+    return Encoder()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "bert"])
+def test_the_default_check_passes_on_right_artifacts_of_ordinary_models(tmp_path, kind):
+    torch.manual_seed(1)
+    per_channel = {"retrain_weight_config": {"channel_wise": True}}
+    if kind == "mlp":
+        model, x = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)), torch.randn(16, 32)
+        others = [(torch.randn(1, 32),), (torch.randn(7, 32),)]
+    elif kind == "cnn":
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                              nn.ReLU(), nn.Conv2d(16, 8, 1, bias=False), nn.ConvTranspose2d(8, 8, 2, stride=2),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        x, others = torch.randn(4, 3, 16, 16), [(torch.randn(2, 3, 9, 11),)]
+    else:
+        model = _tiny_bert()
+        x = torch.randint(0, 100, (4, 12))
+        others = [(torch.randint(0, 100, (1, 30)),), (torch.randint(0, 100, (7, 5)),)]
+        per_channel = {}
+    _calibrated(model, x, per_channel)
+    result = export_onnx(model, (x,), tmp_path / f"{kind}.onnx", check_inputs=others)
+    assert result.layer_checks and all(c.ok for c in result.layer_checks)
+    assert len(result.layer_checks) == len(result.folded_weights)  # every quantized layer the graph holds
+    # whatever it stores as int8 keeps the pair rule: exact on every CPU
+    proto = onnx.load(result.path)
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for f in result.folded_weights:
+        if f.storage == "int8" and stored[f.name].ndim == 2:
+            assert len(pair_violations(stored[f.name], "matmul")) == 0
+
+
+def test_a_quantized_bias_is_named(tmp_path):
+    """ONNX Runtime's WeightBiasQuantization turns the float bias of a DequantizeLinear-fed Conv into int32
+    codes at s_x*s_w (export_onnx keeps the bias as a separate Add to avoid it): put it back and check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
+    _calibrated(model, x, {"retrain_weight_config": {"channel_wise": True}})
+    with torch.no_grad():
+        model[0].bias.mul_(50)  # biases far off the int32 grid
+    result = export_onnx(model, (x,), tmp_path / "a.onnx")
+    proto = onnx.load(result.path)
+    inits = {i.name: i for i in proto.graph.initializer}
+    for add in [n for n in proto.graph.node if n.op_type == "Add" and n.input[1] in inits]:
+        conv = next(n for n in proto.graph.node if add.input[0] in n.output)
+        bias = onnx.numpy_helper.to_array(inits[add.input[1]]).reshape(-1)
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(bias, add.input[1] + "_flat"))
+        conv.input.append(add.input[1] + "_flat")
+        conv.output[0] = add.output[0]
+        proto.graph.node.remove(add)
+    onnx.save(proto, tmp_path / "b.onnx")
+    with pytest.raises(ArtifactCheckError, match=r"layer '0' \(Conv\) computes wrong values in ONNX Runtime"):
+        check_artifact(model, tmp_path / "b.onnx", result.folded_weights, [(x,)])
+
+
+def test_a_dropped_relu_is_named(tmp_path):
+    """ONNX Runtime's ReluQuantRewrite drops a Relu in front of an INT4 QuantizeLinear even when its zero
+    point is above qmin (export_onnx writes it as Max(x, 0)): put the Relu back and check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(16, 16)
+    _calibrated(model, x, {"retrain_data_config": {"dst_type": "INT4"}})
+    assert int(model[2].act_qparams()[1]) > -8
+    result = export_onnx(model, (x,), tmp_path / "a.onnx")
+    proto = onnx.load(result.path)
+    maxes = [n for n in proto.graph.node if n.op_type == "Max"]
+    assert len(maxes) == 1
+    maxes[0].op_type = "Relu"
+    del maxes[0].input[1:]
+    onnx.save(proto, tmp_path / "b.onnx")
+    with pytest.raises(ArtifactCheckError, match="optimizer rewrote the plain graph"):
+        check_artifact(model, tmp_path / "b.onnx", result.folded_weights, [(x,)])
+
+
+# ---- real kernels of a CPU without VNNI ---------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64",
+                    reason="needs qemu-user (apt-get install qemu-user) on x86-64; .ci/run installs it")
+def test_under_an_avx2_cpu_without_vnni_auto_is_exact_and_int8_saturates(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+    x = torch.randn(16, 64)
+    _calibrated(model, x, {"retrain_weight_config": {"channel_wise": True}})
+    verdicts = {}
+    for storage in ("auto", "int8"):
+        result = export_onnx(model, (x,), tmp_path / f"{storage}.onnx", int8_storage=storage, check=False)
+        proto = onnx.load(result.path)
+        sites = find_sites(proto, result.folded_weights)
+        onnx.save(instrumented(proto, sites), tmp_path / f"{storage}_probe.onnx")
+        np.savez(tmp_path / "in.npz", input_0=x.numpy())
+        proc = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", os.path.realpath(sys.executable),
+                               str(HERE / "ort_outputs.py"), str(tmp_path / f"{storage}_probe.onnx"),
+                               str(tmp_path / "in.npz"), str(tmp_path / f"{storage}_out.npz")],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        values = dict(np.load(tmp_path / f"{storage}_out.npz"))
+        verdicts[storage] = [c.ok for c in check_layers(proto, sites, values)]
+    assert verdicts["auto"] == [True, True]  # uint8 + 128: ORT's u8u8 kernel, exact
+    assert verdicts["int8"] == [False, False]  # the same codes as int8: the u8s8 pair sums saturate
