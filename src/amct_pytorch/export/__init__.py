@@ -13,11 +13,13 @@ from ..nn.module.quantization.qdq import (QParams, check_exportable, export_forw
                                           require_calibrated, simulated_int32_bias, weight_axis)
 from ..ops import INT4_OPSET, onnx_translations, quant_dequant, quant_dequant_blocked
 from ..runtime import export_onnx_active as export_context_active
+from .check import ArtifactCheckError, LayerCheck, check_artifact, int8_saturation_report
 from .deploy import DeployedLayer, DeployedLinear, deploy_view
 from .driver import BIAS_MODES, ExportResult, export_onnx
 from .matmulnbits import MATMULNBITS_ACCURACY_LEVEL, MS_DOMAIN, matmulnbits_codes, pack_matmulnbits
 from .onnx_graph import FoldedWeight, weight_codes
-from .ort import ORT_DISABLED_OPTIMIZERS, ort_max_abs_diff, ort_session
+from .ort import ORT_DISABLED_OPTIMIZERS, cpu_kernel_features, ort_max_abs_diff, ort_session
+from .storage import INT8_STORAGES
 from .passes import (GROUP_WISE_INT4_FORMS, fold_weight_quantizers, keep_relu_before_int4_quantizers,
                      static_dim_params, unshare_activation_quantizers)
 
@@ -28,4 +30,5 @@ __all__ = ["export_onnx", "ExportResult", "BIAS_MODES", "GROUP_WISE_INT4_FORMS",
            "ORT_DISABLED_OPTIMIZERS", "ort_session", "ort_max_abs_diff", "QParams", "module_qparams",
            "check_exportable", "require_calibrated", "weight_axis", "export_forward", "int32_bias",
            "simulated_int32_bias", "pinned_embedding", "INT4_OPSET", "onnx_translations", "quant_dequant", "quant_dequant_blocked",
-           "export_context_active"]
+           "export_context_active", "ArtifactCheckError", "LayerCheck", "check_artifact",
+           "int8_saturation_report", "cpu_kernel_features", "INT8_STORAGES"]

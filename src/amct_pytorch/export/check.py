@@ -416,3 +416,46 @@ def ort_session_from_proto(proto, session_options=None):
 
     return ort.InferenceSession(proto.SerializeToString(), sess_options=session_options,
                                 providers=["CPUExecutionProvider"])
+
+
+def int8_saturation_report(path) -> dict:
+    """For any ONNX model (ours or another quantizer's): its int8 weights that ORT's x86 integer
+    kernels reduce in u8s8 pairs (MatMulInteger, QLinearMatMul, ConvInteger, QLinearConv, and
+    DequantizeLinear-fed MatMul / Gemm / Conv, which ORT fuses into them), and whether any holds a
+    pair that saturates on CPUs without VNNI. CPU-independent: the same answer on every machine."""
+    import onnx  # optional dependency
+    from onnx import TensorProto
+
+    proto = onnx.load(str(path), load_external_data=False)
+    g = OnnxGraph(proto.graph)
+    checked, bad = [], []
+
+    def judge(node, name, order, groups=1):
+        if name not in g.consts or g.consts[name].data_type != TensorProto.INT8:
+            return
+        checked.append(node.name or name)
+        if len(pair_violations(g.array(name), order, groups)):
+            bad.append(node.name or name)
+
+    for node in proto.graph.node:
+        groups = int(attr(node, "group", 1))
+        if node.op_type == "MatMulInteger" and len(node.input) > 1:
+            judge(node, node.input[1], "matmul")
+        elif node.op_type == "QLinearMatMul":
+            judge(node, node.input[3], "matmul")
+        elif node.op_type == "ConvInteger" and len(node.input) > 1:
+            judge(node, node.input[1], "conv", groups)
+        elif node.op_type == "QLinearConv":
+            judge(node, node.input[3], "conv", groups)
+        elif node.op_type == "DequantizeLinear" and not attr(node, "block_size", 0):
+            user = (g.consumers.get(node.output[0]) or [None])[0]
+            if user is None or len(user.input) < 2 or user.input[1] != node.output[0]:
+                continue
+            if user.op_type == "MatMul":
+                judge(user, node.input[0], "matmul")
+            elif user.op_type == "Gemm":
+                judge(user, node.input[0], "linear" if attr(user, "transB", 0) else "matmul")
+            elif user.op_type == "Conv":
+                judge(user, node.input[0], "conv", int(attr(user, "group", 1)))
+    return {"int8_layers": len(checked), "saturating_layers": len(bad), "exact_on_every_cpu": not bad,
+            "first_saturating": bad[0] if bad else None}

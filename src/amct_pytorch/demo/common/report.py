@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from ...export import cpu_kernel_features
 from .deps import require
 
 REPORT, PLOT = "report.json", "plot.png"  # every demo's report files in its output folder
@@ -75,7 +76,11 @@ def finish_report(report: dict, start: float, out: Path, log, table, write_plot,
     """A demo's last step: total time, the printed table, plot.png and report.json (written last,
     so a report.json in `out` belongs to a finished run), and the closing line."""
     report["total_time_s"] = round(time.perf_counter() - start, 1)
+    cpu = report.setdefault("cpu", cpu_kernel_features())
     log(table(report))
+    log(f"CPU: {cpu['model']} ({cpu['arch']}; AVX2 {'yes' if cpu['avx2'] else 'no'}, AVX-512BW "
+        f"{'yes' if cpu['avx512bw'] else 'no'}, VNNI {'yes' if cpu['vnni'] else 'no'}): ONNX Runtime's int8 kernel "
+        f"here is {cpu['int8_kernel']}; artifacts whose int8 pairs keep the u8s8 rule are exact on every CPU")
     write_plot(report, out / PLOT)
     write_json(report, out / REPORT)
     log(f"wrote {out / REPORT}, {out / PLOT} and {artifacts}; total {report['total_time_s']:.0f}s")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ...export import export_onnx
+from ...export import export_onnx, int8_saturation_report
 from ..common.ort import ort_session, quiet_third_party
 from .model import SentenceEncoder, in_text_order, tokenize
 from .settings import Options
@@ -28,6 +28,9 @@ def export_encoder(model, tokenizer, texts, path, **export_kwargs) -> dict[str, 
         result = export_onnx(encoder, (batch["input_ids"], batch["attention_mask"]), path, **export_kwargs)
     return {"path": str(path), "size_mb": round(os.path.getsize(path) / 1e6, 2),
             "dynamic_dims": [list(d) for d in result.dynamic_dims],
+            "weight_storage": {s: sum(f.storage == s for f in result.folded_weights)
+                               for s in sorted({f.storage for f in result.folded_weights})},
+            "int8_exactness": int8_saturation_report(path),
             "export_time_s": round(time.perf_counter() - start, 2)}
 
 
@@ -101,13 +104,15 @@ def latency(paths: dict[str, str], tokenizer, texts, opts: Options) -> dict[str,
             "by_batch": out, "time_s": round(time.perf_counter() - start, 2)}
 
 
-def peer_dynamic(float_path, out) -> Path:
+def peer_dynamic(float_path, out, reduce_range=False) -> Path:
     """ORT's own dynamic quantization of the float artifact: INT8 per-channel weights (MatMul and
-    the embedding Gather), activations quantized at run time."""
+    the embedding Gather), activations quantized at run time. `reduce_range`: 7-bit weights, ORT's
+    recommendation for x86 CPUs without VNNI (whose u8s8 kernel saturates on full-range int8 pairs)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with quiet_third_party():
-        quantize_dynamic(str(float_path), str(out), per_channel=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(str(float_path), str(out), per_channel=True, weight_type=QuantType.QInt8,
+                         reduce_range=reduce_range)
     return Path(out)
 
 

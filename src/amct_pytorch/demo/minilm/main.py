@@ -14,6 +14,7 @@ from ..common.report import begin_run, finish_report
 from ..common.settings import settings_from_file, step_plan, with_run_options
 from ..common.training import Timer
 from .deploy import export_encoder, latency, ort_accuracy, peer_dynamic, peer_static
+from ...export import int8_saturation_report
 from .model import tokenize
 from .report import table, write_plot
 from .run import prepare, run_setting, split_model, uses_split
@@ -22,6 +23,7 @@ from .settings import DEFAULT_SETTINGS, Options, parse_settings
 QUICK = dict(steps=6, batch_size=8, eval_points=1, max_eval=48, max_train=96, calib_size=16,
              latency_sentences=32, latency_reps=1)
 FLOAT_ONNX, PEERS = "float.onnx", {"ort_dynamic": "ORT quantize_dynamic (per-channel INT8 W, dynamic A)",
+                                    "ort_dynamic_rr": "ORT quantize_dynamic, reduce_range (7-bit W, dynamic A)",
                                    "ort_static": "ORT quantize_static (QDQ, per-channel INT8 W, INT8 A)"}
 
 
@@ -92,6 +94,7 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
     if opts.peers:
         calib = [tokenize(tokenizer, train_texts[:opts.calib_size])]
         for name, make in (("ort_dynamic", lambda p: peer_dynamic(out / FLOAT_ONNX, p)),
+                           ("ort_dynamic_rr", lambda p: peer_dynamic(out / FLOAT_ONNX, p, reduce_range=True)),
                            ("ort_static", lambda p: peer_static(out / FLOAT_ONNX, p, calib))):
             path = out / f"{name}.onnx"
             start_peer = time.perf_counter()
@@ -99,6 +102,7 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
             artifacts[name] = {"kind": "peer", "label": PEERS[name], "path": str(path),
                                "size_mb": round(path.stat().st_size / 1e6, 2),
                                "quantize_time_s": round(time.perf_counter() - start_peer, 2),
+                               "int8_exactness": int8_saturation_report(path),
                                "ort": ort_accuracy(path, evaluator)}
             log(f"[{name}] {PEERS[name]}: ONNX Runtime mean cos {artifacts[name]['ort']['mean_cos']:.4f} "
                 f"({artifacts[name]['size_mb']:.1f} MB)")

@@ -37,23 +37,27 @@ def deployment_table(report: dict) -> str:
     d = report["deployment"]
     timing = d["latency"]
     batches = list(timing["by_batch"])
-    head = (f"{'artifact':<12} {'file MB':>8} {'ORT mean cos':>13} {'min cos':>8} {'vs PyTorch':>10}"
+    head = (f"{'artifact':<14} {'file MB':>8} {'ORT mean cos':>13} {'min cos':>8} {'vs PyTorch':>10} {'every CPU':>9}"
             + "".join(f"  {'ms @' + b + ' (x float)':>20}" for b in batches))
     lines = [head, "-" * len(head)]
     for name, a in d["artifacts"].items():
         ort = a["ort"]
         diff = f"{ort['max_abs_diff_vs_torch']:.1e}" if "max_abs_diff_vs_torch" in ort else "-"
-        row = f"{name:<12} {a['size_mb']:>8.1f} {ort['mean_cos']:>13.4f} {ort['min_cos']:>8.4f} {diff:>10}"
+        exact = a.get("int8_exactness")
+        every = "-" if exact is None else "exact" if exact["exact_on_every_cpu"] else "SATURATES"
+        row = (f"{name:<14} {a['size_mb']:>8.1f} {ort['mean_cos']:>13.4f} {ort['min_cos']:>8.4f} {diff:>10} "
+               f"{every:>9}")
         for b in batches:
             row += f"  {a['latency_ms'][b]:>11.1f} ({a['x_float'][b]:.2f})".rjust(22)
         lines.append(row)
     for name, err in d.get("not_exported", {}).items():
-        lines.append(f"{name:<12} not exported: {err}")
+        lines.append(f"{name:<14} not exported: {err}")
     ort = next(iter(d["artifacts"].values()))["ort"]
     lines.append(f"ONNX Runtime {d['onnxruntime']}, default session options; accuracy on all {ort['sentences']} "
                  f"held-out sentences (up to {ort['max_tokens']} tokens; 'vs PyTorch' = max abs difference to the "
                  f"exported model's eval output); latency: {timing['threads']} thread, median of {timing['reps']} "
-                 f"repetitions over the first {timing['sentences']} held-out sentences")
+                 f"repetitions over the first {timing['sentences']} held-out sentences; 'every CPU': its int8 "
+                 "weights keep the u8s8 pair rule (exact on x86 CPUs without VNNI too) or 'SATURATES' there")
     return "\n".join(lines)
 
 
