@@ -92,6 +92,8 @@ def _storage(m, codes, bits, int8_storage):
         return "int8", "blocked codes behind a DequantizeLinear: ORT dequantizes, then a float MatMul", 0
     if getattr(m, "transposed", False):
         order, groups = None, 1
+    elif getattr(m, "onnx_weight_axis", 0) == 1:  # transformers' Conv1D: the stored (in, out) weight is MatMul's B
+        order, groups = "matmul", 1
     elif hasattr(m, "in_channels"):
         order, groups = "conv", m.groups
     else:
