@@ -201,6 +201,14 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
                 set_attr(dq, "axis", axis)
                 dead_values.update((dq.output[0], q.output[0]))
                 dq.output[0] = out_name
+            if bits == 8 and choose_storage(codes, _reduction_order(g, out_name, gemm_ok, codes), _groups(g, out_name),
+                                            int8_storage)[0] == "uint8":
+                # ORT quantizes the float weight itself and fuses: give it the uint8 + 128 grid (same codes)
+                zp_u8 = g.fresh(f"{q.input[2]}_uint8")
+                proto.graph.initializer.append(numpy_helper.from_array(
+                    np.full(zp.shape, UINT8_ZERO_POINT, dtype=np.uint8), zp_u8))
+                q.input[2] = dq.input[2] = zp_u8
+                dead_values.update((q.output[0], dq.output[0]))
         else:
             name = g.fresh(f"{q.input[0]}_quantized")
             if bits == 4:
