@@ -229,7 +229,7 @@ def fake_quant_weight_from_float(weight: torch.Tensor, fmt: str) -> torch.Tensor
     """The PTQ value of `weight_codes_from_float` with a straight-through gradient to weight."""
     codes, d = weight_codes_from_float(weight, fmt)
     wq = dequantize_weight_blocks(codes, d).to(weight.dtype)
-    return weight + (wq - weight).detach() if weight.requires_grad else wq
+    return wq + (weight - weight.detach()) if weight.requires_grad else wq
 
 
 def initial_block_scale(weight: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -240,10 +240,10 @@ def initial_block_scale(weight: torch.Tensor, fmt: str) -> torch.Tensor:
 def storable_scale(d: torch.Tensor) -> torch.Tensor:
     """fp16(d) with a straight-through gradient; |d| kept within [2^-24, 65504] (sign kept, 0 -> +)
     so every block has a finite, nonzero stored scale."""
-    mag = d.abs().clamp(FP16_TINY, FP16_MAX)
-    sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
-    target = _fp16(sign * mag)
-    return d + (target - d).detach()
+    dd = d.detach()
+    mag = dd.abs().clamp(FP16_TINY, FP16_MAX)
+    target = _fp16(torch.where(dd < 0, -mag, mag))
+    return target + (d - d.detach())  # value exactly target (d + (target - d) can round)
 
 
 def weight_codes_learned(weight: torch.Tensor, d: torch.Tensor, fmt: str):
@@ -290,5 +290,5 @@ def _learned_blocks(wb, ds, qmin, qmax):
     inside = (v >= qmin) & (v <= qmax)
     dv = torch.where(inside, q - v, q).detach()
     factor = 1.0 / (QK * qmax) ** 0.5
-    ds_lsq = ds * factor + (ds - ds * factor).detach()  # value ds, gradient factor
-    return (q * ds).detach() + (wb - wb.detach()) + dv * (ds_lsq - ds_lsq.detach())
+    # every added term is exactly 0 in value (x - x.detach()), so the value is q * ds bit for bit
+    return (q * ds).detach() + (wb - wb.detach()) + dv * (ds - ds.detach()) * factor
