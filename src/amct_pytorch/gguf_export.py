@@ -371,3 +371,83 @@ def llama_run(path, sentences: list[str], threads: int = 1, *, n_ctx: int = 512,
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     emb = emb / np.where(norms == 0, 1.0, norms)
     return LlamaRun(emb, meta["seconds"], meta["tokens"])
+
+
+# ----------------------------------------------------------------------------- PyTorch emulation
+
+GELUS = ("erf", "tanh", "llama")
+
+
+def llama_gelu(x: torch.Tensor) -> torch.Tensor:
+    """ggml_gelu as llama.cpp's CPU backend computes it (GGML_GELU_FP16): the tanh approximation
+    looked up from a table indexed by fp16(x) and holding fp16 values; x <= -10 gives 0, x >= 10 x."""
+    xf = x.to(torch.float32)
+    t = xf.to(torch.float16).to(torch.float32)
+    table = torch.nn.functional.gelu(t, approximate="tanh").to(torch.float16).to(torch.float32)
+    out = torch.where(xf <= -10.0, torch.zeros_like(xf), torch.where(xf >= 10.0, xf, table))
+    return out.to(x.dtype)
+
+
+class _Gelu(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "llama":
+            return llama_gelu(x)
+        return torch.nn.functional.gelu(x, approximate="tanh" if self.kind == "tanh" else "none")
+
+
+class EmulatedLinear(nn.Module):
+    """y = x̂ W^T + b with W the dequantized blocks and x̂ the activation fake-quant of `spec`
+    (None: float activations)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.spec = spec
+
+    def forward(self, x):
+        if self.spec is not None:
+            x = blockwise.fake_quant_act_blocks(x, self.spec)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def llama_emulation(model: nn.Module, linear_weights: Mapping[str, Weight] | None = None, *,
+                    act_spec=blockwise.LLAMA_CPP_X86_Q8_0, gelu: str = "erf",
+                    token_embd: Weight | None = None) -> nn.Module:
+    """A copy of a BERT encoder computing what its GGUF computes in llama.cpp, up to float
+    accumulation order: every encoder Linear given as QuantBlocks uses the dequantized blocks and
+    fake-quantizes its input with `act_spec` (llama.cpp quantizes the activations of Q8_0/Q4_0
+    linears on the fly; x86: LLAMA_CPP_X86_Q8_0); float Linears stay float; `gelu` selects the
+    FFN activation ("erf" as in BERT, "tanh", or "llama": ggml's fp16-table tanh GELU);
+    `token_embd` (QuantBlocks) replaces the word embeddings with their dequantized value."""
+    import copy
+
+    if gelu not in GELUS:
+        raise ValueError(f"gelu={gelu!r}: expected one of {GELUS}")
+    out = copy.deepcopy(model).eval()
+    bert = getattr(out, "bert", out)
+    for name, w in dict(linear_weights or {}).items():
+        name = _strip(name)
+        mod = bert.get_submodule(name)
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"linear_weights: {name} is not a Linear of the encoder")
+        if isinstance(w, QuantBlocks):
+            weight, spec = w.check(name).dequantize(), act_spec
+        else:
+            weight, spec = w.detach().to(torch.float32), None
+        bias = None if mod.bias is None else mod.bias.detach().clone()
+        parent, _, child = name.rpartition(".")
+        setattr(bert.get_submodule(parent) if parent else bert, child, EmulatedLinear(weight, bias, spec))
+    if token_embd is not None:
+        emb = bert.embeddings.word_embeddings
+        value = token_embd.dequantize() if isinstance(token_embd, QuantBlocks) else token_embd.detach()
+        with torch.no_grad():
+            emb.weight.copy_(value)
+    if gelu != "erf":
+        for layer in bert.encoder.layer:
+            layer.intermediate.intermediate_act_fn = _Gelu(gelu)
+    return out
