@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from amct_pytorch.blockwise import LLAMA_CPP_X86_Q8_0
 from amct_pytorch.demo import data as demo_data
 from amct_pytorch.demo import model as demo_model
 from amct_pytorch.gguf_export import QuantBlocks, export_bert_gguf, llama_emulation, llama_run
@@ -27,8 +28,17 @@ def cos_stats(a, b):
     return {"mean": float(c.mean()), "min": float(c.min())}
 
 
+@torch.no_grad()
 def torch_embed(model, tokenizer, texts):
-    return demo_model.encode(model, demo_model.batches(tokenizer, texts, 16)).numpy()
+    if next(model.parameters()).dtype == torch.float32:
+        return demo_model.encode(model, demo_model.batches(tokenizer, texts, 16)).numpy()
+    out = []  # demo_model.encode collects float32; float64 models one batch at a time here
+    for b in demo_model.batches(tokenizer, texts, 16):
+        e = demo_model.embed(model, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+        out.append((b["order"], e))
+    order = torch.cat([o for o, _ in out])
+    emb = torch.cat([e for _, e in out])
+    return emb[torch.argsort(order)].numpy()
 
 
 def main():
@@ -71,13 +81,15 @@ def main():
                     llama_emulation(model, gelu="llama"), tok, texts))
             if weights is not None:
                 for act, gelu in ((None, "erf"), ("x86", "erf"), ("x86", "llama"), (None, "llama")):
-                    from amct_pytorch.blockwise import LLAMA_CPP_X86_Q8_0
                     emu = llama_emulation(model, weights, act_spec=LLAMA_CPP_X86_Q8_0 if act else None, gelu=gelu,
                                           token_embd=token_embd)
                     e = torch_embed(emu, tok, texts)
                     row[f"llama_vs_torch[act={act or 'float'},gelu={gelu}]"] = cos_stats(run.embeddings, e)
                     if act and gelu == "erf":
                         row["torch_emulation_vs_float"] = cos_stats(e, ref)
+                    if act and gelu == "llama":  # the same emulation in float64: how far float order alone moves it
+                        e64 = torch_embed(emu.double(), tok, texts)
+                        row["torch_fp32_vs_fp64[act=x86,gelu=llama]"] = cos_stats(e, e64)
             results["rows"][kind] = row
             print(kind, json.dumps(row, indent=1), flush=True)
     results["seconds"] = time.perf_counter() - t0

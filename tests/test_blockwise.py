@@ -64,7 +64,8 @@ def _activation_data(k: int = 256, block: int = 32) -> np.ndarray:
 def _libggml_cpu():
     spec = importlib.util.find_spec("llama_cpp")
     root = os.path.dirname(spec.origin)
-    found = sorted(glob.glob(os.path.join(root, "lib", "libggml-cpu*.so*")))
+    exact = os.path.join(root, "lib", "libggml-cpu.so")  # the build's one CPU backend (not a per-ISA variant)
+    found = [exact] if os.path.exists(exact) else sorted(glob.glob(os.path.join(root, "lib", "libggml-cpu*.so*")))
     if not found:
         pytest.fail(f"llama_cpp is installed but {root}/lib holds no libggml-cpu shared library")
     lib = ctypes.CDLL(found[0])
