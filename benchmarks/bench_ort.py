@@ -14,10 +14,10 @@ vs torch" is ORT against the PyTorch model the artifact was exported from (none 
               timed on held-out sentences in batches of 8 and 32, each batch padded to its own
               longest sentence (the export is at one example shape, the batches are at theirs).
 
-Timing (amct_pytorch.demo.run.time_artifacts): every artifact runs the same batches; the artifacts
+Timing (amct_pytorch.demo.minilm.deploy.time_artifacts): every artifact runs the same batches; the artifacts
 take turns within each repetition (so machine noise hits all of them alike), and the table gives the
 median over repetitions of the time for one batch (the mean over the batches of that repetition), and
-its ratio to float. Sessions: amct_pytorch.demo.run.ort_session (default options, thread count pinned).
+its ratio to float. Sessions: amct_pytorch.demo.common.ort.ort_session (default options, thread count pinned).
 
   python benchmarks/bench_ort.py                  # both models, markdown table
   python benchmarks/bench_ort.py --model mlp --reps 5 --json out.json
@@ -37,8 +37,10 @@ import torch
 import torch.nn as nn
 
 import amct_pytorch as amct
-from amct_pytorch.demo.run import SentenceEncoder, export_encoder, ort_session, peer_dynamic, quiet_third_party
-from amct_pytorch.demo.run import time_artifacts as interleaved_times
+from amct_pytorch.demo.common.ort import ort_session, quiet_third_party
+from amct_pytorch.demo.minilm.deploy import export_encoder, peer_dynamic, session_feed
+from amct_pytorch.demo.minilm.deploy import time_artifacts as interleaved_times
+from amct_pytorch.demo.minilm.model import SentenceEncoder
 from amct_pytorch.export import export_onnx
 
 GROUP_WISE = {"dst_type": "INT4", "channel_wise": True, "group_size": 32}
@@ -62,10 +64,8 @@ def time_artifacts(paths: dict[str, Path], feeds: list[dict], reps: int, threads
 
 def outputs(path, feeds) -> list[np.ndarray]:
     """The first output of `path` in ORT (1 thread) for each feed."""
-    from amct_pytorch.demo.run import _feed
-
     s = ort_session(path, 1)
-    return [s.run(None, _feed(s, f))[0] for f in feeds]
+    return [s.run(None, session_feed(s, f))[0] for f in feeds]
 
 
 def max_diff(paths, feeds, reference):
@@ -104,9 +104,8 @@ def mlp_artifacts(workdir: Path, width: int, depth: int, batch: int):
 
 # ---- (b) MiniLM -------------------------------------------------------------------------------
 def minilm_artifacts(workdir: Path, batches=(8, 32), max_sentences: int = 256):
-    from amct_pytorch.demo import data as demo_data
-    from amct_pytorch.demo.model import load_model, tokenize
-    from amct_pytorch.demo.run import SKIP
+    from amct_pytorch.demo.minilm import data as demo_data
+    from amct_pytorch.demo.minilm.model import SKIP, load_model, tokenize
 
     model, tokenizer = load_model()
     train, held_out = demo_data.split_sentences(demo_data.doc_sentences())

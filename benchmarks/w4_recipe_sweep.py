@@ -22,10 +22,12 @@ from pathlib import Path
 
 import torch
 
-from amct_pytorch.demo import run
-from amct_pytorch.demo.run import Options, Setting, Timer, prepare, run_setting, split_model, uses_split, w4a8_config
+from amct_pytorch.demo.common.settings import Setting
+from amct_pytorch.demo.common.training import Timer
+from amct_pytorch.demo.minilm.run import prepare, run_setting, split_model, uses_split
+from amct_pytorch.demo.minilm.settings import SETTINGS, Options, w4a8_config
 
-W8A8 = run.SETTINGS["w8a8"]
+W8A8 = SETTINGS["w8a8"]
 
 
 def w4(group: int | None = 32, init: str = "arq") -> Setting:

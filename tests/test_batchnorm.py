@@ -185,7 +185,7 @@ def test_shared_bn_registration_is_replaced_everywhere():
 
 
 def test_crepe_batchnorms_follow_relu_and_are_reported():
-    from amct_pytorch.demo.crepe import Crepe
+    from amct_pytorch.demo.crepe.model import Crepe
 
     result = fold_batchnorm(Crepe("tiny"), warn=False)
     assert result.folded == () and len(result.not_folded) == 6

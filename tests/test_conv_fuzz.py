@@ -78,8 +78,8 @@ def test_any_valid_conv_calibrates_trains_and_evaluates_as_its_float_op(layer, s
         a_scale, a_offset = m.act_qparams()
         xq = fake_quant_act(x, a_scale, a_offset, m.config.retrain_data_config.num_bits)
         wq = fake_quant_weight(m.weight, m.weight_qparams(), m.config.retrain_weight_config.num_bits,
-                               m._weight_layout())
-        ref = m._float_apply(xq, wq)
+                               m.weight_layout())
+        ref = m.float_forward(xq, wq)
     # the same products, possibly summed in another order by another kernel
     terms = m.weight.numel() // m.out_channels
     bound = 4 * terms * torch.finfo(torch.float32).eps * (ref.abs().max() + xq.abs().max() * wq.abs().max())

@@ -188,8 +188,8 @@ def _reference(m, x, g):
     xq = fake_quant_act(x, a_scale, a_offset, bits).requires_grad_()
     scale = m.weight_qparams()
     wq = fake_quant_weight(m.weight.detach(), scale, m.config.retrain_weight_config.num_bits,
-                           m._weight_layout()).requires_grad_()
-    y = m._float_apply(xq, wq)
+                           m.weight_layout()).requires_grad_()
+    y = m.float_forward(xq, wq)
     y.backward(g)
     grad_x, grad_max, grad_min = ulq_act_grads(x, xq.grad, a_scale, a_offset, m.acts_clip_max.detach(),
                                                m.acts_clip_min.detach(), bits)
@@ -291,7 +291,7 @@ def test_transposed_per_channel_scales_follow_weight_dim_1_per_group():
         want = amin / 128 if amin > amax else amax / 127
         assert float(m.wts_scales[o]) == float(want), o
     # ŵ uses each output channel's own scale
-    wq = fake_quant_weight(w, m.wts_scales, 8, m._weight_layout())
+    wq = fake_quant_weight(w, m.wts_scales, 8, m.weight_layout())
     for o in range(6):
         g, j = divmod(o, 3)
         codes = wq[2 * g:2 * g + 2, j] / m.wts_scales[o]
@@ -461,7 +461,7 @@ def test_deploy_view_codes_reproduce_the_quantized_weight():
     model = _trained_cnn()
     view = deploy_view(model)
     for name, m in qat_layers(model).items():
-        wq = fake_quant_weight(m.weight.detach(), m.weight_qparams(), 8, m._weight_layout())
+        wq = fake_quant_weight(m.weight.detach(), m.weight_qparams(), 8, m.weight_layout())
         assert view[name].weight.shape == m.weight.shape and view[name].weight.dtype == torch.int8
         torch.testing.assert_close(view[name].dequantized_weight(), wq, rtol=0, atol=0)
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from amct_pytorch import cli
-from amct_pytorch.demo import crepe, crepe_data
-from amct_pytorch.demo.crepe_run import CrepeOptions, set_bn_mode
+from amct_pytorch.demo.crepe import data as crepe_data, model as crepe
+from amct_pytorch.demo.crepe.run import set_bn_mode
+from amct_pytorch.demo.crepe.settings import CrepeOptions
 
 try:
     crepe.weights_path("tiny")
@@ -158,7 +159,7 @@ def test_cli_bad_input_for_crepe(tmp_path, capsys):
 
 
 def test_cli_routes_crepe_options(monkeypatch, tmp_path):
-    from amct_pytorch.demo import crepe_main
+    from amct_pytorch.demo.crepe import main as crepe_main
 
     seen = {}
     monkeypatch.setattr(crepe_main, "run_crepe_demo", lambda **kwargs: seen.update(kwargs))

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from amct_pytorch import cli
-from amct_pytorch.demo import data, main as demo_main, report
-from amct_pytorch.demo.model import require
-from amct_pytorch.demo.run import GROUP_SIZE
+from amct_pytorch.demo.common import report as common_report
+from amct_pytorch.demo.common.deps import require
+from amct_pytorch.demo.minilm import data, main as demo_main, report
+from amct_pytorch.demo.minilm.settings import GROUP_SIZE
 
 
 def test_sentences_split_is_disjoint_and_deterministic():
@@ -76,9 +77,9 @@ def test_atomic_write_keeps_nothing_on_failure(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        report._replace_atomically(target, failing)
+        common_report._replace_atomically(target, failing)
     assert list(tmp_path.iterdir()) == []
-    report.write_json({"complete": True}, target)
+    common_report.write_json({"complete": True}, target)
     assert json.loads(target.read_text()) == {"complete": True}
 
 
@@ -141,7 +142,8 @@ def test_no_split_flag_reaches_the_demo(monkeypatch, tmp_path):
 
 
 def test_split_model_off_returns_the_model_itself():
-    from amct_pytorch.demo.run import Options, split_model
+    from amct_pytorch.demo.minilm.run import split_model
+    from amct_pytorch.demo.minilm.settings import Options
 
     model = torch.nn.Linear(2, 2)
     assert split_model(model, None, Options(split_outliers=False)) == (model, {"enabled": False})
@@ -174,7 +176,8 @@ def test_settings_and_deployment_flags_reach_the_demo(monkeypatch, tmp_path, cap
 
 
 def test_parse_settings_builds_the_group_wise_setting():
-    from amct_pytorch.demo.run import DEFAULT_SETTINGS, Options, uses_split
+    from amct_pytorch.demo.minilm.run import uses_split
+    from amct_pytorch.demo.minilm.settings import DEFAULT_SETTINGS, Options
 
     assert [s.name for s in demo_main.parse_settings(DEFAULT_SETTINGS)] == ["w8a8", "w4a8g"]
     w8, g32, pc = demo_main.parse_settings("w8a8, w4a8g ,w4a8", group_size=32)

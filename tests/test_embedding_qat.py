@@ -120,3 +120,38 @@ def test_export_gathers_int8_rows_and_scales(tmp_path):
     assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.INT8
     codes, scale = model.emb.quantized_table()
     assert (onnx.numpy_helper.to_array(tables[0]) == codes.numpy()).all()
+
+
+class _HostSyncCounter:
+    """Counts the tensor-to-Python conversions (each a device sync on an accelerator)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in ("__bool__", "item", "__int__", "__float__", "tolist", "__index__"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(t, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("channel_wise", [False, True])
+def test_learnable_scale_forward_makes_no_host_sync_after_its_first_step(monkeypatch, channel_wise):
+    # the scale's readiness has a host mirror (QATLayer's weight quantizer), as every QAT layer's
+    emb = EmbeddingQAT(50, 16, config={"retrain_weight_config": {"weights_retrain_algo": "ulq_quantize",
+                                                                  "channel_wise": channel_wise}})
+    ids = torch.randint(0, 50, (4, 7))
+    emb(ids).sum().backward()  # the first training forward initialises the scale
+    counter = _HostSyncCounter(monkeypatch)
+    for _ in range(3):
+        emb(ids).sum().backward()  # training
+    emb.eval()
+    with torch.no_grad():
+        emb(ids)  # eval
+    assert counter.calls == [], counter.calls
+    monkeypatch.undo()
+    # the counter sees a conversion where there is one
+    counter = _HostSyncCounter(monkeypatch)
+    bool(emb.wts_scale_ready)
+    assert counter.calls == ["__bool__"]

@@ -231,7 +231,7 @@ def _reference_outputs(state, calls, train):
 
 def run_bf16(rank, world):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from amct_pytorch.fsdp import _fsdp_param, fully_shard_qat
+    from amct_pytorch.fsdp import fsdp_param, fully_shard_qat
 
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     model = fully_shard_qat(_mp_model(), mp_policy=bf16)
@@ -300,7 +300,7 @@ def run_bf16(rank, world):
     rec["direct_state"] = {
         name: {"calib_batches": int(layer.calib_batches), "wts_scale_ready": bool(layer.wts_scale_ready),
                "calib_hist_sum": float(layer.calib_hist.sum()),
-               **{p: _fsdp_param(layer, p).sharded_param.to_local().clone() for p in QAT_PARAMS}}
+               **{p: fsdp_param(layer, p).sharded_param.to_local().clone() for p in QAT_PARAMS}}
         for name, layer in ((n, direct.get_submodule(n)) for n in QAT_NAMES)}
     rec["direct_init"] = {name: {p: getattr(_mp_model().get_submodule(name), p).detach().clone() for p in QAT_PARAMS}
                           for name in QAT_NAMES}

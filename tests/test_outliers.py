@@ -110,7 +110,7 @@ def test_split_model_converts_calibrates_and_trains():
 
 def test_tiny_bert_ffn_pairs_split_exactly():
     transformers = pytest.importorskip("transformers")
-    from amct_pytorch.demo.model import ffn_pairs
+    from amct_pytorch.demo.minilm.model import ffn_pairs
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -46,7 +46,7 @@ def _weights(kind, shape=(48, 128)):
 def test_mse_scale_error_never_exceeds_arq(kind, bits, granularity):
     w = _weights(kind)
     if granularity == "group":
-        layout = LinearQAT(128, 48, config=_cfg(group=32))._weight_layout()
+        layout = LinearQAT(128, 48, config=_cfg(group=32)).weight_layout()
     elif granularity == "channel":
         layout = rows_layout(w.shape)
     else:
@@ -91,7 +91,7 @@ def test_linear_ulq_starts_from_the_mse_scale_and_round_trips():
     m = LinearQAT(128, 48, config=_cfg()).train()
     with torch.no_grad():
         m.weight.copy_(_weights("heavy"))
-    want = mse_scale(m.weight, 4, True, m._weight_layout())
+    want = mse_scale(m.weight, 4, True, m.weight_layout())
     assert torch.equal(m.weight_qparams(), want)  # before the first forward too
     x = torch.randn(6, 128)
     m(x).sum().backward()  # calibration: stores the initial scale
@@ -117,7 +117,7 @@ def test_arq_init_is_unchanged_by_the_extension():
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 64)
     a(x), b(x)
-    assert torch.equal(a.wts_scales, arq_scale(a.weight, 4, True, a._weight_layout()))
+    assert torch.equal(a.wts_scales, arq_scale(a.weight, 4, True, a.weight_layout()))
     assert torch.equal(a.wts_scales, b.wts_scales)
 
 

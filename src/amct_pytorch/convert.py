@@ -24,12 +24,15 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .batchnorm import fold_batchnorm as fold_float_batchnorm
 from .config import QATConfig, parse_config
-from .nn.module.quantization.base import QATModuleMixin, calibrating
+from .nn.module.quantization.base import QATModuleMixin
+from .nn.module.quantization.layer import QATLayer
 from .nn.module.quantization.conv import (Conv1dQAT, Conv2dQAT, Conv3dQAT, ConvTranspose1dQAT, ConvTranspose2dQAT,
                                           ConvTranspose3dQAT)
 from .nn.module.quantization.embedding import EmbeddingQAT
 from .nn.module.quantization.linear import LinearQAT
+from .runtime import calibrating
 
 # float layer class -> its QAT module; to_qat converts these by default
 QAT_CLASSES: dict[type, type] = {
@@ -39,8 +42,8 @@ QAT_CLASSES: dict[type, type] = {
 }
 # converted only when asked for with layer_types (weight-only quantization of embedding tables)
 OPTIONAL_QAT_CLASSES: dict[type, type] = {nn.Embedding: EmbeddingQAT}
-_ALL_CLASSES = {**QAT_CLASSES, **OPTIONAL_QAT_CLASSES}
-_QAT_TYPES = (QATModuleMixin, EmbeddingQAT)
+# the registry: every float class a QAT class exists for (to_qat's layer_types choose among these)
+ALL_QAT_CLASSES: dict[type, type] = {**QAT_CLASSES, **OPTIONAL_QAT_CLASSES}
 
 @dataclass
 class ConversionSummary:
@@ -147,10 +150,10 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         if isinstance(layer_types, type) or not isinstance(layer_types, Iterable):
             raise TypeError(f"layer_types: expected a list of float layer classes, got {layer_types!r}")
         layer_types = tuple(layer_types)
-        bad = [t for t in layer_types if t not in _ALL_CLASSES]
+        bad = [t for t in layer_types if t not in ALL_QAT_CLASSES]
         if bad or not layer_types:
             raise ValueError(f"layer_types: {bad or layer_types!r} not supported; allowed: "
-                             f"{', '.join('nn.' + t.__name__ for t in _ALL_CLASSES)}")
+                             f"{', '.join('nn.' + t.__name__ for t in ALL_QAT_CLASSES)}")
 
     rules = []  # (key, selector, config, is_layer_object)
     for key, cfg in overrides.items():
@@ -171,7 +174,7 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
     for _, _, name, mod in sites:
         if first_name[id(mod)] != name or not isinstance(mod, layer_types):
             continue
-        if isinstance(mod, _QAT_TYPES):
+        if isinstance(mod, QATLayer):
             summary.skipped[name] = f"already a {type(mod).__name__}"
         elif type(mod) not in layer_types:
             base = next(t for t in layer_types if isinstance(mod, t))
@@ -207,15 +210,14 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         raise TypeError(f"fold_batchnorm: expected a bool, got {fold_batchnorm!r}")
     folding = None
     if fold_batchnorm:  # in place on the float convs (same Parameters), before they are wrapped
-        from .batchnorm import fold_batchnorm as fold
-        folding = fold(model)
+        folding = fold_float_batchnorm(model)
 
     # validated: now build every replacement, then swap them in
     built = {}
     for _, _, name, mod in sites:
         if id(mod) in plan and id(mod) not in built:
             _, cfg, _ = plan[id(mod)]
-            built[id(mod)] = _ALL_CLASSES[type(mod)].from_float(mod, config=cfg)
+            built[id(mod)] = ALL_QAT_CLASSES[type(mod)].from_float(mod, config=cfg)
     for parent, attr, _, mod in sites:
         if id(mod) in built:
             setattr(parent, attr, built[id(mod)])
@@ -233,7 +235,7 @@ def to_float(model: nn.Module) -> list[str]:
     qualified names restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    sites = [s for s in _linear_sites(model) if isinstance(s[3], _QAT_TYPES)]
+    sites = [s for s in _linear_sites(model) if isinstance(s[3], QATLayer)]
     restored, done = [], {}
     for parent, attr, name, mod in sites:
         if id(mod) not in done:
@@ -245,7 +247,13 @@ def to_float(model: nn.Module) -> list[str]:
 
 def qat_layers(model: nn.Module) -> dict[str, nn.Module]:
     """{qualified name: QAT module (EmbeddingQAT included)} of the model, each layer once."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _QAT_TYPES)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, QATLayer)}
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QATModuleMixin]:
+    """{qualified name: QAT module} of the enabled layers that quantize their input activation
+    (what export, the quant record and the deploy view describe), each layer once."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QATModuleMixin) and m.config.retrain_enable}
 
 
 def _require_layers(model: nn.Module, what: str) -> dict[str, QATModuleMixin]:
@@ -292,20 +300,14 @@ def disable_quantization(model: nn.Module) -> int:
     disabled here. Returns the count of layers switched off."""
     count = 0
     for m in _require_layers(model, "disable_quantization").values():
-        if m.config.retrain_enable:
-            m.config = replace(m.config, retrain_enable=False)
-            m._amct_disabled = True
-            count += 1
+        count += m.switch_off()
     return count
 
 
 def enable_quantization(model: nn.Module) -> int:
     count = 0
     for m in _require_layers(model, "enable_quantization").values():
-        if getattr(m, "_amct_disabled", False):
-            m.config = replace(m.config, retrain_enable=True)
-            del m._amct_disabled
-            count += 1
+        count += m.switch_on()
     return count
 
 

@@ -1,72 +1,17 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard) support for the QAT modules' in-forward writes.
-
-A QAT layer sets parameters inside a forward: the clip bounds at the end of calibration (IFMR)
-and the initial ULQ weight scale. Under FSDP2 the module then holds the *unsharded* parameter,
-whose storage is dropped when the layer reshards, so such a write would be lost. `write_param`
-writes the value into the unsharded parameter (this forward's use) and into this rank's shard of
-the sharded parameter (what the optimizer steps and the next all-gather reads). The value must
-be the same on every rank, which calibration (pooled over ranks) and ARQ (of the full weight)
-guarantee.
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for QAT models.
 
 `fully_shard_qat` shards a QAT model under a low-precision `MixedPrecisionPolicy`: each QAT
 layer keeps float32 parameters (its clip bounds, scales and weight grid stay exact) while the
-user's policy applies to the rest of the model.
+user's policy applies to the rest of the model. The FSDP2-safe parameter write the layers use
+inside their forward lives in `amct_pytorch.params` (`write_param`, re-exported here).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
-
-def _fsdp_param(module, name):
-    """The FSDPParam managing `module.<name>`, or None when no FSDP2 state manages it."""
-    try:
-        from torch.distributed._composable_state import _module_state_mapping
-        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
-    except ImportError:  # pragma: no cover - builds without torch.distributed
-        return None
-    for ref in list(_module_state_mapping.values()):
-        state = ref()
-        if not isinstance(state, FSDPState):
-            continue
-        for group in getattr(state, "_fsdp_param_groups", None) or []:
-            for fsdp_param in group.fsdp_params:
-                info = fsdp_param._module_info
-                if info.module is module and info.param_name == name:
-                    return fsdp_param
-    return None
-
-
-@torch.no_grad()
-def write_param(module, name: str, value: torch.Tensor) -> None:
-    """module.<name>.copy_(value), also into the FSDP2 shard when FSDP2 manages the parameter."""
-    param = getattr(module, name)
-    if not _is_fsdp_module_tree(module):
-        param.copy_(value)
-        return
-    fsdp_param = _fsdp_param(module, name)
-    if fsdp_param is None:
-        param.copy_(value)
-        return
-    if not hasattr(param, "device_mesh"):  # the unsharded parameter, used by this forward
-        param.copy_(value.to(param.dtype))
-    sharded = fsdp_param.sharded_param
-    mesh = sharded.device_mesh
-    dim = fsdp_param.fsdp_placement.dim
-    world, rank = mesh.size(), mesh.get_local_rank()
-    chunks = list(torch.chunk(value.reshape(fsdp_param._orig_size), world, dim=dim))
-    local = sharded._local_tensor
-    if rank < len(chunks) and local.numel() > 0:
-        local.copy_(chunks[rank].to(local.dtype))
-
-
-def _is_fsdp_module_tree(module) -> bool:
-    """Cheap pre-check: FSDP2 is imported and some module is under its management."""
-    import sys
-
-    if "torch.distributed.fsdp._fully_shard._fsdp_state" not in sys.modules:
-        return False
-    from torch.distributed._composable_state import _module_state_mapping
-    return len(_module_state_mapping) > 0
+from .convert import qat_layers
+from .params import fsdp_managed, fsdp_param, low_precision_params_error, write_param  # noqa: F401 (public here too)
 
 
 def _fsdp_api():
@@ -105,10 +50,6 @@ def fully_shard_qat(model, *, mp_policy=None, shard_root: bool = True, **fully_s
     `fully_shard_kwargs` (mesh, reshard_after_forward, offload_policy, ...) go to every call.
     Returns `model`.
     """
-    import torch.nn as nn
-
-    from .convert import qat_layers
-
     FSDPModule, MixedPrecisionPolicy, fully_shard = _fsdp_api()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -135,20 +76,3 @@ def fully_shard_qat(model, *, mp_policy=None, shard_root: bool = True, **fully_s
         root_policy = MixedPrecisionPolicy() if mp_policy is None else mp_policy  # None: torch's default
         fully_shard(model, mp_policy=root_policy, **fully_shard_kwargs)
     return model
-
-
-def low_precision_params_error(module, param_name: str, dtype) -> TypeError:
-    """The error of a QAT layer whose `param_name` is not float32, naming the cure for its cause."""
-    name = type(module).__name__
-    if _is_fsdp_module_tree(module) and _fsdp_param(module, param_name) is not None:
-        FSDPModule = _fsdp_api()[0]  # fully_shard(layer) makes LinearQAT an FSDPLinearQAT: name the QAT class
-        name = next(c.__name__ for c in type(module).__mro__ if not issubclass(c, FSDPModule))
-        return TypeError(
-            f"module: {name} got {dtype} parameters from FSDP2 ({param_name} is {dtype}: the fully_shard call "
-            f"that manages it has MixedPrecisionPolicy(param_dtype={dtype})); a QAT layer supports only "
-            "torch.float32 parameters, so that its clip bounds, scales and weight grid stay exact. Shard the QAT "
-            "layers first with amct_pytorch.fsdp.fully_shard_qat(model, mp_policy=your_policy) (each gets its "
-            "own fully_shard with param_dtype=None; your policy applies to the rest of the model)")
-    return TypeError(
-        f"module: {name} supports only torch.float32 parameters, but its {param_name} is {dtype} (cast by "
-        ".double()/.half()/.to(dtype)?); call .float() on it")

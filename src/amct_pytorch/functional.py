@@ -1,4 +1,4 @@
-"""Pure quantization math (spec section 4 and 5): grids, fake-quant and its gradients.
+"""Pure quantization math: grids, fake-quant and its gradients (docs/numerics.md, "The forward").
 
 Everything here is a plain function of tensors: no module state, no Python-side work per
 element, no host synchronisation, so the same code runs on CPU and CUDA.
@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-EPS = 1.1920929e-07
+from .config import GRID_EPS as EPS  # a grid step below this is degenerate
 
 
 def int_range(num_bits: int) -> tuple[int, int]:
@@ -109,7 +109,7 @@ def quantize_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, num
 
 
 def ulq_act_grads(x, grad_out, scale, offset, clip_max, clip_min, num_bits, need_x=True, inplace=False):
-    """ULQ backward (spec section 4): gradients for x, clip_max and clip_min.
+    """ULQ backward (docs/numerics.md, "ULQ gradients"): gradients for x, clip_max and clip_min.
 
     up/dn mark values clipped above/below; e is the rounding error of x/scale (of the
     clip value itself where clipped), normalised by L = 2^n - 1. The clipped elements
@@ -298,14 +298,22 @@ def lsq_scale_grad(weight, grad_wq, scale, num_bits, layout: WeightLayout | None
     per_channel = scale.numel() > 1
     wv = _channel_view(weight, layout) if per_channel else weight
     gv = _channel_view(grad_wq, layout) if per_channel else grad_wq
-    v = wv / scale_view(scale, layout)
-    inside = (v >= qmin) & (v <= qmax)
-    dv = torch.where(inside, torch.round(v) - v, v.clamp(qmin, qmax))
-    per_scale = weight.numel() // scale.numel()
-    factor = 1.0 / (per_scale * qmax) ** 0.5
+    dv = lsq_step_grad(wv / scale_view(scale, layout), num_bits)
+    factor = lsq_factor(weight.numel() // scale.numel(), num_bits)
     if per_channel:
         dims = layout.reduce if layout is not None else 1
         grad_s = (gv * dv).sum(dim=dims).reshape(-1) * factor
     else:
         grad_s = (gv * dv).sum().reshape(scale.shape) * factor
     return grad_s
+
+
+def lsq_step_grad(v: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """d(round(v).clamp(qmin, qmax)·s)/ds at v = w/s: round(v) - v inside the grid, the clamp bound outside."""
+    qmin, qmax = int_range(num_bits)
+    return torch.where((v >= qmin) & (v <= qmax), torch.round(v) - v, v.clamp(qmin, qmax))
+
+
+def lsq_factor(values_per_scale: int, num_bits: int) -> float:
+    """LSQ's gradient scale 1/sqrt(values per scale · qmax)."""
+    return 1.0 / (values_per_scale * int_range(num_bits)[1]) ** 0.5

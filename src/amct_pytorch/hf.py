@@ -6,7 +6,7 @@ calibration state) once this module is imported:
     model = AutoModel.from_pretrained(path)
 
 Importing it imports transformers (an optional dependency; `import amct_pytorch` alone does not).
-`amct_pytorch.save_pretrained` and `amct_pytorch.from_pretrained` import it themselves.
+`amct_pytorch.save_pretrained` and `amct_pytorch.from_pretrained` (defined here) import it on first use.
 
 How: `save_pretrained` writes `"quantization_config": {"quant_method": "amct_qat", "format": 1,
 "layers": {name: QAT config}}` into config.json. transformers builds the float model on the meta
@@ -16,6 +16,7 @@ tensor of the checkpoint loads as an ordinary parameter or buffer.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -34,7 +35,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
 from .config import parse_config  # noqa: E402
-from .convert import _ALL_CLASSES, qat_layers, to_qat  # noqa: E402
+from .convert import ALL_QAT_CLASSES, qat_layers, to_qat  # noqa: E402
 from .nn.module.quantization.base import QATModuleMixin  # noqa: E402
 
 QUANT_METHOD = "amct_qat"
@@ -86,10 +87,10 @@ class AmctQATQuantizer(HfQuantizer):
         layers = _resolve_layers(model, self.quantization_config.layers)
         stored = _checkpoint_shapes(checkpoint_files)
         modules = dict(model.named_modules())
-        skip = [m for n, m in modules.items() if type(m) in _ALL_CLASSES and n not in layers]
+        skip = [m for n, m in modules.items() if type(m) in ALL_QAT_CLASSES and n not in layers]
         # model is a meta-device skeleton here: conversion only builds (meta) QAT tensors
         to_qat(model, None, overrides={modules[n]: cfg for n, cfg in layers.items()}, skip=skip,
-               layer_types=tuple(_ALL_CLASSES))
+               layer_types=tuple(ALL_QAT_CLASSES))
         if stored is not None:
             _check_and_size_qat_state(model, layers, stored)
         return model
@@ -97,8 +98,8 @@ class AmctQATQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         # transformers assigned each tensor with setattr: refresh what load_state_dict would have
         for m in qat_layers(model).values():
+            m.sync_host_state()
             if isinstance(m, QATModuleMixin):
-                m._sync_host_state()
                 m.acts_clip_min.requires_grad_(not m.config.retrain_data_config.fixed_min)
         return model
 
@@ -132,7 +133,7 @@ def _resolve_layers(model: nn.Module, saved: dict[str, dict]) -> dict[str, dict]
         found = next((n for n in _prefix_variants(model, name) if n in modules), None)
         if found is None:
             missing.append(name)
-        elif type(modules[found]) not in _ALL_CLASSES:
+        elif type(modules[found]) not in ALL_QAT_CLASSES:
             wrong.append(f"{name!r} is a {type(modules[found]).__name__}")
         else:
             resolved[found] = cfg
@@ -140,7 +141,7 @@ def _resolve_layers(model: nn.Module, saved: dict[str, dict]) -> dict[str, dict]
         raise ValueError(f"{QUANT_METHOD}: the quantization_config lists {len(missing)} layer(s) the model does not "
                          f"have, e.g. {missing[0]!r}; was it saved from another architecture?")
     if wrong:
-        allowed = ", ".join("nn." + t.__name__ for t in _ALL_CLASSES)
+        allowed = ", ".join("nn." + t.__name__ for t in ALL_QAT_CLASSES)
         raise ValueError(f"{QUANT_METHOD}: the quantization_config lists layer(s) that cannot be converted: "
                          f"{'; '.join(wrong)} (convertible: exact {allowed})")
     return resolved
@@ -178,11 +179,83 @@ def _check_and_size_qat_state(model: nn.Module, layers: dict[str, dict], stored:
             saved = next((stored[k] for k in _prefix_variants(model, f"{name}.{key}") if k in stored), None)
             if saved is None:
                 absent.append(f"{name}.{key}")
-            elif key == "calib_samples" and tuple(module.calib_samples.shape) != saved:
-                module.calib_samples = module.calib_samples.new_empty(saved)
+            elif key == "calib_samples":
+                module.resize_calibration_samples(saved[0] if saved else 0)
     if absent:
         raise ValueError(f"{QUANT_METHOD}: the checkpoint lacks the QAT state of {len(absent)} tensor(s), e.g. "
                          f"{absent[0]!r}; it was not saved by amct_pytorch.save_pretrained from this model")
+
+
+# ---- save_pretrained / from_pretrained -------------------------------------------------------
+AMCT_CONFIG_NAME = "amct_qat_config.json"
+
+
+def save_pretrained(model, path, **kwargs) -> None:
+    """model.save_pretrained(path, **kwargs) (its weights file holds every QAT key) with a
+    `quantization_config` in config.json naming each QAT layer and its config, so that a plain
+    `AutoModel.from_pretrained(path)` after `import amct_pytorch.hf` rebuilds the QAT model;
+    also writes the same layers to amct_qat_config.json (read by `from_pretrained` for folders
+    saved before the quantization_config existed). model.config is left as it was."""
+    layers = {name: m.config.to_dict() for name, m in qat_layers(model).items()}
+    config = getattr(model, "config", None)
+    if config is None or not layers:
+        model.save_pretrained(path, **kwargs)
+    else:
+        missing = object()
+        previous = getattr(config, "quantization_config", missing)
+        config.quantization_config = AmctQATConfig(layers=layers)
+        try:
+            model.save_pretrained(path, **kwargs)
+        finally:
+            if previous is missing:
+                del config.quantization_config
+            else:
+                config.quantization_config = previous
+    with open(os.path.join(path, AMCT_CONFIG_NAME), "w") as f:
+        json.dump({"format": 1, "layers": layers}, f, indent=1)
+
+
+def from_pretrained(model_cls, path, *args, **kwargs):
+    """`model_cls.from_pretrained(path, ...)` (e.g. transformers.AutoModel) with its QAT layers and
+    their learned state. A folder whose config.json has the amct_qat quantization_config (saved
+    by this release) loads in that one call; for an older folder it loads the float model
+    (transformers drops the QAT keys it does not know), converts the layers listed in
+    amct_qat_config.json with their saved configs, then loads the saved state dict again, QAT
+    keys included (every key must be used)."""
+    model = model_cls.from_pretrained(path, *args, **kwargs)
+    quant_config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if getattr(quant_config, "quant_method", None) == QUANT_METHOD:
+        return model  # converted and loaded by the registered quantizer
+    with open(os.path.join(path, AMCT_CONFIG_NAME)) as f:
+        saved = json.load(f)
+    layers = saved["layers"]
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        raise ValueError(f"{path}: {AMCT_CONFIG_NAME} names layers the model does not have, e.g. {missing[0]!r}")
+    convertible = tuple(ALL_QAT_CLASSES)  # EmbeddingQAT layers too
+    skip = [m for n, m in modules.items() if type(m) in convertible and n not in layers]
+    to_qat(model, None, overrides={modules[n]: cfg for n, cfg in layers.items()}, skip=skip,
+           layer_types=convertible)
+    return _load_saved_state(model, path)
+
+
+def _load_saved_state(model, path):
+    state = {}
+    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    if files:
+        from safetensors.torch import load_file  # comes with transformers
+        for f in files:
+            state.update(load_file(os.path.join(path, f)))
+    else:
+        for f in [f for f in os.listdir(path) if f.endswith(".bin")]:
+            state.update(torch.load(os.path.join(path, f), weights_only=True))
+    result = model.load_state_dict(state, strict=False)
+    qat_keys = [k for k in result.missing_keys
+                if any(k.startswith(n + ".") for n in qat_layers(model))]
+    if qat_keys:
+        raise ValueError(f"{path}: the saved weights lack QAT state, e.g. {qat_keys[0]!r}")
+    return model
 
 
 def _register() -> None:

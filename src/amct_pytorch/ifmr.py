@@ -1,4 +1,4 @@
-"""IFMR activation calibration (spec section 4): the exact search and a streaming histogram.
+"""IFMR activation calibration (docs/numerics.md, "IFMR calibration"): the exact search and a streaming histogram.
 
 Both pick c = r * M among 61 ratios r in [0.7, 1.3] minimising the MSE of symmetric
 quantization with step s = c / qmax (c / 2^(n-1) when |min| > |max|), and return

@@ -9,7 +9,6 @@ the step's extra peak memory is about one weight-sized tensor.
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 from typing import NamedTuple
 
@@ -17,25 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .functional import (WeightLayout, act_qparams, fake_quant_act, fake_quant_act_plain, fake_quant_weight,
-                         fake_quant_weight_plain, int_range, lsq_scale_grad, scale_view, ulq_act_grads, ulq_act_grads_plain)
-
-# Opt-in fused kernels: torch.compile (inductor) of the elementwise math, compiled lazily on
-# first use (~10-30 s per shape family). Same formulas, so the fake-quantized tensors are
-# bit-identical; only the order of the ULQ sums differs (float rounding of the gradients).
-_COMPILED = os.environ.get("AMCT_PYTORCH_COMPILE", "0") == "1"
-
-
-def use_compiled_kernels(enabled: bool = True) -> None:
-    """Turn the torch.compile kernels on or off for every LinearQAT (env: AMCT_PYTORCH_COMPILE=1)."""
-    global _COMPILED
-    if not isinstance(enabled, bool):
-        raise TypeError(f"use_compiled_kernels: enabled must be a bool, got {enabled!r}")
-    _COMPILED = enabled
-
-
-def compiled_kernels_enabled() -> bool:
-    return _COMPILED
-
+                         fake_quant_weight_plain, int_range, lsq_scale_grad, lsq_step_grad, scale_view,
+                         ulq_act_grads, ulq_act_grads_plain)
+from .runtime import compiled_kernels_enabled, use_compiled_kernels  # noqa: F401 (their first home, kept)
 
 @functools.cache
 def _kernels():
@@ -191,14 +174,36 @@ class QATFunction(torch.autograd.Function):
 def qat_apply(x, weight, bias, clip_max, clip_min, w_scale, spec: QuantSpec, op=LINEAR, wq=None, act_grid=None):
     """ŷ = op(x̂, ŵ, b). Optional ready-made operands: `wq` = fq_weight(weight, w_scale) and
     `act_grid` = act_qparams(clip_max, clip_min, spec.act_bits), both without autograd history."""
-    if spec.compiled != _COMPILED:
-        spec = spec._replace(compiled=_COMPILED)
+    compiled = compiled_kernels_enabled()
+    if spec.compiled != compiled:
+        spec = spec._replace(compiled=compiled)
     return QATFunction.apply(x, weight, bias, clip_max, clip_min, w_scale, spec, op, wq, act_grid)
 
 
-def qat_linear(x, weight, bias, clip_max, clip_min, w_scale, spec: QuantSpec, wq=None, act_grid=None):
-    """ŷ = linear(x̂, ŵ, b) (see qat_apply)."""
-    return qat_apply(x, weight, bias, clip_max, clip_min, w_scale, spec, LINEAR, wq, act_grid)
+class FakeQuantRows(torch.autograd.Function):
+    """ŵ = fq(rows, s) for rows looked up in a weight table, each with its own (gathered) scale:
+    the straight-through gradient for the rows, LSQ's for s (`lsq_scale_grad`'s formula, with the
+    factor of the whole table: `values_per_scale` values share one stored scale)."""
+
+    @staticmethod
+    def forward(ctx, rows, scale, bits, learnable, values_per_scale):
+        qmin, qmax = int_range(bits)
+        v = rows / scale
+        wq = torch.round(v).clamp(qmin, qmax) * scale
+        if learnable:
+            ctx.save_for_backward(v, scale)
+        ctx.bits, ctx.learnable, ctx.values_per_scale = bits, learnable, values_per_scale
+        return wq
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_s = None
+        if ctx.learnable and ctx.needs_input_grad[1]:
+            v, scale = ctx.saved_tensors
+            # divided by sqrt(values per scale · qmax) (= times lsq_factor, rounded as EmbeddingQAT always did)
+            qmax = int_range(ctx.bits)[1]
+            grad_s = (g * lsq_step_grad(v, ctx.bits)).sum_to_size(scale.shape) / (ctx.values_per_scale * qmax) ** 0.5
+        return g, grad_s, None, None, None
 
 
 class WeightCache:

@@ -12,8 +12,9 @@ import os
 import torch
 import torch.nn as nn
 
-from .export import _qat_modules, module_qparams
+from .convert import quantized_layers
 from .functional import act_qparams, int_range
+from .nn.module.quantization.qdq import module_qparams
 
 RECORD_FORMAT = "amct-qat quant record"
 RECORD_VERSION = 1
@@ -55,7 +56,7 @@ def save_quant_record(model: nn.Module, path) -> dict:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
-    layers = _qat_modules(model)
+    layers = list(quantized_layers(model).items())
     if not layers:
         raise ValueError("model: holds no QAT module (LinearQAT, Conv2dQAT, ...) with retrain_enable=True, so "
                          "there is nothing to record")
@@ -122,7 +123,7 @@ def _check_layer(name, m, rec) -> dict:
     if got != (float(scale_d), int(offset_d)):
         raise ValueError(f"{where}: scale_d={got[0]!r}, offset_d={got[1]!r} do not follow from clip_max_d/clip_min_d "
                          f"(expected {float(scale_d)!r}, {int(offset_d)!r})")
-    n_scales = m._n_weight_scales()
+    n_scales = m.n_weight_scales()
     scale_w, offset_w = rec["scale_w"], rec["offset_w"]
     for key, values in (("scale_w", scale_w), ("offset_w", offset_w)):
         if not isinstance(values, list) or len(values) != n_scales:
@@ -157,7 +158,7 @@ def load_quant_record(model: nn.Module, path) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     record = _read(path)
-    layers = dict(_qat_modules(model))
+    layers = dict(list(quantized_layers(model).items()))
     missing = sorted(set(layers) - set(record["layers"]))
     unexpected = sorted(set(record["layers"]) - set(layers))
     if missing or unexpected:

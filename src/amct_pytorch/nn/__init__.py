@@ -1,1 +1,1 @@
-"""Mirrors AMCT's import path: amct_pytorch.nn.module.quantization.linear."""
+"""The QAT layers by AMCT's import paths: amct_pytorch.nn.module.quantization.{linear, conv2d, conv3d, conv_transpose_2d} (and the extensions beside them)."""

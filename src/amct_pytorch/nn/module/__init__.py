@@ -1,1 +1,1 @@
-"""Mirrors AMCT's import path: amct_pytorch.nn.module.quantization.linear."""
+"""The QAT modules: see amct_pytorch.nn.module.quantization."""

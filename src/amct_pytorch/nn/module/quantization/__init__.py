@@ -1,1 +1,1 @@
-"""Mirrors AMCT's import path: amct_pytorch.nn.module.quantization.linear."""
+"""QAT layers: layer.py (QATLayer: config, state rule, weight quantizer), base.py (QATModuleMixin: activation quantizer and forward), qdq.py (the module-side half of export), one file per layer family, and AMCT's import paths (linear, conv2d, conv3d, conv_transpose_2d) with the extensions beside them."""

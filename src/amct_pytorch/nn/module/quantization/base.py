@@ -1,154 +1,36 @@
-"""What every QAT module shares: the activation quantizer (IFMR calibration, then ULQ with
-learnable clip bounds) and the weight quantizer (ARQ, or a learnable ULQ scale).
+"""`QATModuleMixin`: a QAT layer with an activation quantizer (IFMR calibration, then ULQ with
+learnable clip bounds) in front of its float op, on top of `QATLayer`'s weight quantizer.
 
-A module type (LinearQAT, Conv2dQAT, ...) subclasses `QATModuleMixin` and its float layer
-and adds only its float op (`_float_apply`, `_op`), the layout of its weight's output
-channels (`_weight_layout`) and its input-shape check (`_check_input_shape`). State keeps
-AMCT's names on the module itself (`acts_clip_max`, `wts_scales`, ...), so checkpoints of
-any release load.
-
-State rule: a module changes its own state (calibration statistics, clip bounds at the
-end of calibration, stored scales) only in a *state-updating* forward, i.e. training mode
-with autograd enabled, or any forward inside `amct_pytorch.calibrating()`. Eval mode,
-`torch.no_grad()`, ONNX export and tracing never change state.
+A module type (LinearQAT, Conv2dQAT, ...) subclasses `QATModuleMixin` and its float layer and
+adds only its float op (`float_forward`, `_qat_call`), the layout of its weight's output channels
+(`weight_layout`) and its input-shape check (`_check_input_shape`). State keeps AMCT's names on
+the module itself (`acts_clip_max`, `wts_scales`, ...), so checkpoints of any release load.
+The state rule is `QATLayer`'s (layer.py).
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-import threading
 import warnings
 
 import torch
 import torch.nn as nn
 
-from ....config import QATConfig, parse_config
 from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
-from ....fsdp import low_precision_params_error, write_param
-from ....functional import (EPS, WeightLayout, act_qparams, arq_scale, fake_quant_weight, initial_weight_scale,
-                            ulq_weight_scale)
+from ....functional import EPS, WeightLayout, act_qparams, fake_quant_weight
 from ....ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
-from ....qat_function import QuantSpec, WeightCache, qat_apply
+from ....params import low_precision_params_error, write_param
+from ....qat_function import QuantSpec
+from ....runtime import (calibrating, exporting, in_reentrant_checkpoint_forward, saved_tensor_hook_kind,  # noqa: F401
+                         set_strict_inputs, strict_inputs, strict_inputs_enabled, torch_exporting)
+from .layer import QATLayer, check_device, check_dtype, positive_int  # noqa: F401 (public here since 0.1)
+from .qdq import export_forward, module_qparams, pinned_layout
 
-class _ForceFlag(threading.local):
-    on = False  # a class default: every thread reads False until calibrating() sets it (no AttributeError,
-                # which torch.compile of older torch versions cannot trace through getattr's default)
-
-
-_FORCE = _ForceFlag()
-_STRICT = False  # see set_strict_inputs
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _HIST_LIMIT = 2.0**126  # the histogram spans [-R, R) with R a power of two: 2R must stay finite
 
 
-@contextlib.contextmanager
-def calibrating():
-    """Let every QAT module's forward inside this block update state, even in eval/no_grad."""
-    previous = _FORCE.on
-    _FORCE.on = True
-    try:
-        yield
-    finally:
-        _FORCE.on = previous
-
-
-def set_strict_inputs(enabled: bool = True) -> None:
-    """Check every forward's input for NaN/inf, also after calibration (a host sync per call).
-
-    Off by default: calibrating forwards always check (statistics can never be poisoned), but a
-    calibrated layer lets a non-finite input propagate as nn.Linear does, so that a training step
-    has no host sync and compiles with fullgraph=True. See also `strict_inputs()`.
-    """
-    global _STRICT
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_strict_inputs: enabled must be a bool, got {enabled!r}")
-    _STRICT = enabled
-
-
-def strict_inputs_enabled() -> bool:
-    return _STRICT
-
-
-@contextlib.contextmanager
-def strict_inputs(enabled: bool = True):
-    """set_strict_inputs(enabled) inside this block only."""
-    previous = _STRICT
-    set_strict_inputs(enabled)
-    try:
-        yield
-    finally:
-        set_strict_inputs(previous)
-
-
 class CalibrationSkippedWarning(UserWarning):
     """A forward on an uncalibrated QAT layer that neither calibrates nor quantizes."""
-
-
-def _saved_tensor_hook_kind() -> str | None:
-    """'forward' inside torch.utils.checkpoint(use_reentrant=False)'s forward, 'recompute' inside
-    its recomputation in backward, else None (told apart by the saved-tensor hook it installs)."""
-    if torch.compiler.is_compiling():
-        return None
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is None:
-        return None
-    name = getattr(hooks[0], "__qualname__", "")
-    if name.startswith("_recomputation_hook."):
-        return "recompute"
-    if name.startswith("_checkpoint_hook."):
-        return "forward"
-    return None
-
-
-def _in_reentrant_checkpoint_forward() -> bool:
-    """Inside torch.utils.checkpoint(use_reentrant=True)'s no-grad first pass (its real forward
-    runs again, with grad, in backward)."""
-    try:
-        from torch.utils.checkpoint import CheckpointFunction
-    except ImportError:  # pragma: no cover
-        return False
-    code = CheckpointFunction.forward.__code__
-    frame = sys._getframe(1)
-    for _ in range(64):
-        if frame is None:
-            return False
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
-
-
-# torch < 2.13: dynamo reports torch.compiler.is_exporting() as True inside torch.compile too (seen
-# with torch 2.11 on CUDA), so there is_exporting() counts only outside torch.compile
-_EXPORT_FLAG_RELIABLE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
-
-
-def _torch_exporting() -> bool:
-    """torch.export / ONNX export is tracing this forward (not a torch.compile'd step)."""
-    if torch.onnx.is_in_onnx_export():
-        return True
-    if not torch.compiler.is_exporting():
-        return False
-    if _EXPORT_FLAG_RELIABLE or not torch.compiler.is_compiling():
-        return True
-    from .... import export  # our export_onnx is running: its factors are pinned
-
-    return export._EXPORT_ONNX_ACTIVE
-
-
-def _exporting() -> bool:
-    # torch.compiler.is_exporting covers torch.export (the dynamo ONNX exporter's first step);
-    # is_compiling is left out on purpose: a torch.compile'd training step must still update state
-    return _torch_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
-
-
-def positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a positive int, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 def _output_dtype(x):
@@ -161,38 +43,18 @@ def _output_dtype(x):
     return x.dtype if x.dtype in _LOW_PRECISION else None
 
 
-def check_dtype(dtype, what="dtype"):
-    if dtype is not None and dtype != torch.float32:
-        raise TypeError(f"{what}: only torch.float32 parameters are supported, got {dtype}")
-
-
-def check_device(device):
-    try:
-        return torch.device(device) if device is not None else None
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device: {device!r} is not a valid torch device ({err})") from None
-
-
-class QATModuleMixin:
-    """The shared quantization machinery; put it before the float layer class in the bases."""
-
-    _version = 1
-    _FLOAT: type[nn.Module]  # the float layer this module replaces (nn.Linear, nn.Conv2d, ...)
-    config: QATConfig
+class QATModuleMixin(QATLayer):
+    """A QAT layer that also quantizes its input; put it before the float layer class in the bases."""
 
     # ---- what a module type provides -------------------------------------------------
     @property
     def _out_channels(self) -> int:
         raise NotImplementedError
 
-    def _weight_layout(self) -> WeightLayout:
-        """How the weight maps onto output channels (see functional.WeightLayout)."""
-        raise NotImplementedError
-
     def _check_input_shape(self, x) -> None:
         raise NotImplementedError
 
-    def _n_weight_scales(self) -> int:
+    def n_weight_scales(self) -> int:
         """How many weight scales the config asks for: 1, one per output channel, or (group-wise,
         LinearQAT only) one per output channel and group of input features."""
         return self._out_channels if self.config.retrain_weight_config.channel_wise else 1
@@ -201,7 +63,7 @@ class QATModuleMixin:
         """sum |w| over each output channel's weights (the largest bounds any output's sum)."""
         return wq.reshape(self._out_channels, -1).abs().double().sum(dim=1)
 
-    def _float_apply(self, x, weight):
+    def float_forward(self, x, weight):
         """The float layer's computation on (x, weight) with this module's bias and settings."""
         raise NotImplementedError
 
@@ -209,12 +71,9 @@ class QATModuleMixin:
         """qat_apply with this module's float op (and any input preparation it needs)."""
         raise NotImplementedError
 
-    def _describe(self) -> str:
-        return f"{type(self).__name__}({self._FLOAT.extra_repr(self)})"
-
     # ---- construction -------------------------------------------------------------
     def _build_quant_state(self, device):
-        data, wcfg = self.config.retrain_data_config, self.config.retrain_weight_config
+        data = self.config.retrain_data_config
         f32 = dict(device=device, dtype=torch.float32)
         # shape (1,), not 0-d: FSDP2 shards every parameter on dim 0 (0-d checkpoints still load)
         self.acts_clip_max = nn.Parameter(torch.full((1,), data.clip_max or 0.0, **f32))
@@ -222,13 +81,7 @@ class QATModuleMixin:
                                           requires_grad=not data.fixed_min)
         self.register_buffer("acts_scale", torch.ones(1, **f32))
         self.register_buffer("acts_offset", torch.zeros(1, device=device, dtype=torch.int8))
-        n_scales = self._n_weight_scales()
-        if wcfg.learnable_scale:
-            self.wts_scales = nn.Parameter(torch.ones(n_scales, **f32))
-            self.register_buffer("wts_scale_ready", torch.tensor(False, device=device))
-        else:
-            self.register_buffer("wts_scales", torch.ones(n_scales, **f32))
-        self.register_buffer("wts_offsets", torch.zeros(n_scales, device=device, dtype=torch.int8))
+        self._build_weight_state(device)
         needs_calib = data.needs_calibration
         self.register_buffer("calib_done", torch.tensor(not needs_calib, device=device))
         self.register_buffer("calib_batches", torch.tensor(0, device=device, dtype=torch.int64))
@@ -239,14 +92,11 @@ class QATModuleMixin:
         else:  # exact search: the values of the calibration batches before the last one
             self.register_buffer("calib_samples", torch.zeros(0, **f32))
         self._calibrated = not needs_calib  # host mirror of calib_done: no device sync per call
-        self._wts_ready = False  # host mirror of wts_scale_ready (ULQ weights)
         self._finished_in_forward = False  # calibration ended in the last state-updating forward
         self._warned_uncalibrated = False
-        self._wq_cache = None
 
     def __setstate__(self, state):
         # modules pickled by earlier releases lack the newer host-side flags
-        state.setdefault("_wts_ready", bool(state.get("_buffers", {}).get("wts_scale_ready", False)))
         state.setdefault("_finished_in_forward", False)
         state.setdefault("_warned_uncalibrated", False)
         super().__setstate__(state)
@@ -266,10 +116,7 @@ class QATModuleMixin:
         self.acts_clip_min.fill_(data.clip_min or 0.0)
         self.acts_scale.fill_(1.0)
         self.acts_offset.zero_()
-        self.wts_scales.fill_(1.0)
-        self.wts_offsets.zero_()
-        if hasattr(self, "wts_scale_ready"):
-            self.wts_scale_ready.fill_(False)
+        self._reset_weight_state()
         self.calib_done.fill_(not data.needs_calibration)
         self.calib_batches.zero_()
         if hasattr(self, "calib_hist"):
@@ -279,14 +126,12 @@ class QATModuleMixin:
         else:
             self.calib_samples = self.calib_samples.new_zeros(0)
         self._calibrated = not data.needs_calibration
-        self._wts_ready = False
         self._finished_in_forward = False
         self._warned_uncalibrated = False
-        self._wq_cache = None
 
     @classmethod
     def _check_float(cls, mod):
-        if not isinstance(mod, cls._FLOAT) or isinstance(mod, QATModuleMixin):
+        if not isinstance(mod, cls._FLOAT) or isinstance(mod, QATLayer):
             raise TypeError(f"from_float: expected a torch.nn.{cls._FLOAT.__name__} that is not already a "
                             f"{cls.__name__}, got {type(mod).__name__}")
         check_dtype(mod.weight.dtype, "from_float: mod.weight.dtype")
@@ -308,8 +153,8 @@ class QATModuleMixin:
                 # fully_shard_qat's float32 policy) is computed in float32 and returned in its dtype
                 return self._FLOAT.forward(self, x.float(), *args, **kwargs).to(x.dtype)
             return self._FLOAT.forward(self, x, *args, **kwargs)
-        if _torch_exporting():
-            return self._forward_for_export(x, *args, **kwargs)
+        if torch_exporting():
+            return self.export_forward(x, *args, **kwargs)
         self._check_input(x)
         # mixed precision: master parameters and all quantization math stay float32, and so does
         # the op itself (x̂ and ŵ are exact on their grids only in float32: parity with the
@@ -325,7 +170,7 @@ class QATModuleMixin:
         return y if out_dtype is None else y.to(out_dtype)
 
     def _forward_f32(self, x, *args, **kwargs):
-        ckpt = _saved_tensor_hook_kind()
+        ckpt = saved_tensor_hook_kind()
         recompute = ckpt == "recompute"  # non-reentrant checkpointing's second run of a forward
         update = not recompute and self.updates_state()
         if recompute:  # decide as the original forward did, change nothing
@@ -361,7 +206,7 @@ class QATModuleMixin:
         return self._qat_call(x, w_scale, spec, wq, act_grid, *args, **kwargs)
 
     def _warn_uncalibrated(self):
-        if self._warned_uncalibrated or _exporting() or _in_reentrant_checkpoint_forward():
+        if self._warned_uncalibrated or exporting() or in_reentrant_checkpoint_forward():
             return
         self._warned_uncalibrated = True
         why = "eval mode" if not self.training else "autograd disabled (no_grad/inference_mode)"
@@ -372,42 +217,16 @@ class QATModuleMixin:
             "training forwards (train mode, grad enabled). Warned once per module.",
             CalibrationSkippedWarning, stacklevel=6)
 
-    def _cached_weight(self):
-        """(scale, ŵ) for a forward that does not update state, reused while neither the weight
-        nor the stored scale changed (see WeightCache; never part of state_dict)."""
-        sources = (self.weight,)
-        if self.config.retrain_weight_config.learnable_scale:
-            sources += (self.wts_scales, self.wts_scale_ready)
-        if self._wq_cache is None:
-            self._wq_cache = WeightCache()
-        hit = self._wq_cache.lookup(sources)
-        if hit is not None:
-            if self.config.retrain_weight_config.learnable_scale:  # |s| anew: its autograd node dies with a backward
-                return self._weight_scale(False), hit[1]
-            return hit
-        w_scale = self._weight_scale(False)
-        with torch.no_grad():
-            wq = fake_quant_weight(self.weight, w_scale, self.config.retrain_weight_config.num_bits,
-                                   self._weight_layout())
-        self._wq_cache.store(sources, w_scale, wq)
-        return w_scale, wq
-
-    def clear_weight_cache(self):
-        """Drop the cached ŵ of non-updating forwards (needed only after an edit through `.data`)."""
-        self._wq_cache = None
-
-    def _forward_for_export(self, x, *args, **kwargs):
-        """ONNX export: QuantizeLinear/DequantizeLinear on input and weight (see amct_pytorch.export)."""
-        from ....export import export_forward
-
+    def export_forward(self, x, *args, **kwargs):
+        """The forward under ONNX export / torch.export: QuantizeLinear/DequantizeLinear on input and
+        weight, then the float op (qdq.export_forward)."""
         self._check_input(x)
         return export_forward(self, x, *args, **kwargs)
 
-    def updates_state(self) -> bool:
-        """Whether a forward call now may change this module's state (see module doc)."""
-        if _exporting():
-            return False
-        return _FORCE.on or (self.training and torch.is_grad_enabled())
+    def export_constants(self):
+        """What export_onnx pins for this module's export forward: its QParams (group-wise scales
+        shaped (rows, blocks))."""
+        return pinned_layout(self, module_qparams(self))
 
     def _check_input(self, x):
         name = type(self).__name__
@@ -425,11 +244,11 @@ class QATModuleMixin:
             raise ValueError(f"input: empty batch of shape {tuple(x.shape)}")
         if x.device != self.weight.device:
             raise ValueError(f"input: on {x.device}, but the module lives on {self.weight.device}")
-        if _exporting():
+        if exporting():
             return
         # calibrating (and pass-through) forwards always check: statistics can never be poisoned;
         # after calibration only in strict mode (a host sync per call), else NaN/inf propagate as in nn.Linear
-        if self._calibrated and not _STRICT:
+        if self._calibrated and not strict_inputs_enabled():
             return
         x = x.detach()
         # one cheap reduction; only when it is not finite do we look element by element
@@ -440,7 +259,7 @@ class QATModuleMixin:
 
     def _check_passthrough_range(self, x):
         """Calibration calls feed x unquantized to the float op: refuse inputs that would overflow it."""
-        layout = self._weight_layout()
+        layout = self.weight_layout()
         with torch.no_grad():
             lo, hi = torch.aminmax(x)
             amax = torch.maximum(-lo, hi).double()
@@ -545,37 +364,6 @@ class QATModuleMixin:
         with torch.no_grad():
             return act_qparams(self.acts_clip_max, self.acts_clip_min, self.config.retrain_data_config.num_bits)
 
-    # ---- weights --------------------------------------------------------------------
-    def _weight_scale(self, update: bool) -> torch.Tensor:
-        wcfg = self.config.retrain_weight_config
-        if wcfg.learnable_scale:
-            if not self._wts_ready:
-                init = self._initial_weight_scale()
-                if not update:
-                    return init
-                with torch.no_grad():
-                    write_param(self, "wts_scales", init)
-                    self.wts_scale_ready.fill_(True)
-                self._wts_ready = True
-            return ulq_weight_scale(self.wts_scales)
-        scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
-        if update:
-            self.wts_scales.copy_(scale)
-        return scale
-
-    def _initial_weight_scale(self) -> torch.Tensor:
-        """A learnable scale's first value (retrain_weight_config.scale_init: ARQ or MSE)."""
-        wcfg = self.config.retrain_weight_config
-        return initial_weight_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout(),
-                                    wcfg.scale_init)
-
-    def weight_qparams(self) -> torch.Tensor:
-        """The weight scale the next forward would use (no state change)."""
-        wcfg = self.config.retrain_weight_config
-        if wcfg.learnable_scale:
-            return ulq_weight_scale(self.wts_scales.detach()) if self._wts_ready else self._initial_weight_scale()
-        return arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self._weight_layout())
-
     # ---- state ----------------------------------------------------------------------
     @property
     def is_calibrated(self) -> bool:
@@ -601,15 +389,19 @@ class QATModuleMixin:
             # counts only (before per-bin sums were kept): torch's load_state_dict hands us its own copy
             state_dict[key] = histogram_from_counts(saved, state_dict.get(prefix + "calib_range", self.calib_range))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        self._sync_host_state()
+                                      error_msgs)  # QATLayer's: then sync_host_state()
 
-    def _sync_host_state(self) -> None:
-        """Refresh the host-side mirrors of the state buffers after those were replaced from outside
-        (load_state_dict, or a loader that assigns each tensor, e.g. transformers' from_pretrained)."""
+    def sync_host_state(self) -> None:
+        super().sync_host_state()
         self._calibrated = bool(self.calib_done)
-        self._wts_ready = bool(self.wts_scale_ready) if hasattr(self, "wts_scale_ready") else False
         self._finished_in_forward = False
+
+    def resize_calibration_samples(self, numel: int) -> None:
+        """Give `calib_samples` (exact IFMR search) room for `numel` values, so that a loader that
+        copies each saved tensor into the module's own (e.g. transformers') can restore it: its length
+        varies with the calibration progress."""
+        if hasattr(self, "calib_samples") and self.calib_samples.numel() != numel:
+            self.calib_samples = self.calib_samples.new_empty((numel,))
 
     def _quant_repr(self) -> str:
         data, wcfg = self.config.retrain_data_config, self.config.retrain_weight_config

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from ....config import QATConfig, parse_config
 from ....functional import WeightLayout, rows_layout
 from ....qat_function import ConvOp, qat_apply
-from .base import QATModuleMixin, check_device, check_dtype, positive_int
+from .base import QATModuleMixin
+from .layer import check_device, check_dtype, positive_int
 
 __all__ = ["Conv1dQAT", "Conv2dQAT", "Conv3dQAT", "ConvTranspose1dQAT", "ConvTranspose2dQAT", "ConvTranspose3dQAT"]
 
@@ -98,10 +99,10 @@ class _ConvNdQAT(_ConvQATBase):
     def _float_kwargs(mod):
         return _conv_kwargs(mod)
 
-    def _weight_layout(self) -> WeightLayout:
+    def weight_layout(self) -> WeightLayout:
         return rows_layout(self.weight.shape)
 
-    def _float_apply(self, x, weight):
+    def float_forward(self, x, weight):
         return self._conv_forward(x, weight, self.bias)
 
     def _prepare(self, x):
@@ -119,7 +120,7 @@ class _ConvNdQAT(_ConvQATBase):
             else:  # an even total (even kernel x dilation): torch pads one more on the right
                 x, padding = F.pad(x, pads), (0,) * nd
         op = ConvOp(tuple(self.stride), tuple(padding), tuple(self.dilation), False, (0,) * nd, self.groups,
-                    self._weight_layout())
+                    self.weight_layout())
         return x, op
 
 
@@ -140,27 +141,27 @@ class _ConvTransposeNdQAT(_ConvQATBase):
     def _float_kwargs(mod):
         return {**_conv_kwargs(mod), "output_padding": mod.output_padding}
 
-    def _weight_layout(self) -> WeightLayout:
+    def weight_layout(self) -> WeightLayout:
         # weight (in, out/g, *k): output channel g*(out/g) + j is weight[g*(in/g):(g+1)*(in/g), j]
         g = self.groups
         w_in, w_out = self.weight.shape[0], self.weight.shape[1]
         return WeightLayout((g, w_in // g, w_out, -1), (g, 1, w_out, 1), (1, 3))
 
     def _channel_abs_sums(self, wq):
-        return wq.reshape(self._weight_layout().view).abs().double().sum(dim=(1, 3)).reshape(-1)
+        return wq.reshape(self.weight_layout().view).abs().double().sum(dim=(1, 3)).reshape(-1)
 
     def _output_padding_for(self, x, output_size):
         return tuple(self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, self._ND,
                                           self.dilation))
 
-    def _float_apply(self, x, weight, output_size=None):
+    def float_forward(self, x, weight, output_size=None):
         conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self._ND - 1]
         return conv(x, weight, self.bias, self.stride, self.padding, self._output_padding_for(x, output_size),
                     self.groups, self.dilation)
 
     def _prepare(self, x, output_size=None):
         op = ConvOp(tuple(self.stride), tuple(self.padding), tuple(self.dilation), True,
-                    self._output_padding_for(x, output_size), self.groups, self._weight_layout())
+                    self._output_padding_for(x, output_size), self.groups, self.weight_layout())
         return x, op
 
 

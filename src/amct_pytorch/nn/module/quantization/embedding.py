@@ -14,9 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ....config import DataQuantConfig, QATConfig, parse_config
-from ....functional import arq_scale, fake_quant_weight, initial_weight_scale, int_range, rows_layout, ulq_weight_scale
-from ....fsdp import low_precision_params_error, write_param
-from .base import _FORCE, _exporting, _torch_exporting, check_device, check_dtype, positive_int
+from ....functional import WeightLayout, quantize_weight, rows_layout
+from ....params import low_precision_params_error
+from ....qat_function import FakeQuantRows
+from ....runtime import pinned_for, torch_exporting
+from .layer import QATLayer, check_device, check_dtype, positive_int
 
 __all__ = ["EmbeddingQAT"]
 
@@ -33,36 +35,11 @@ def _weight_only(cfg: QATConfig) -> QATConfig:
     return cfg
 
 
-class _FakeQuantRows(torch.autograd.Function):
-    """ŵ = fq(rows, s) with a straight-through gradient for the rows and LSQ's for s."""
-
-    @staticmethod
-    def forward(ctx, rows, scale, bits, learnable, per_scale):
-        qmin, qmax = int_range(bits)
-        v = rows / scale
-        wq = torch.round(v).clamp(qmin, qmax) * scale
-        if learnable:
-            ctx.save_for_backward(v, scale)
-        ctx.bits, ctx.learnable, ctx.per_scale = bits, learnable, per_scale
-        return wq
-
-    @staticmethod
-    def backward(ctx, g):
-        grad_s = None
-        if ctx.learnable and ctx.needs_input_grad[1]:
-            v, scale = ctx.saved_tensors
-            qmin, qmax = int_range(ctx.bits)
-            dv = torch.where((v >= qmin) & (v <= qmax), torch.round(v) - v, v.clamp(qmin, qmax))
-            # LSQ's factor 1/sqrt(values per scale * qmax), as for every QAT weight
-            grad_s = (g * dv).sum_to_size(scale.shape) / (ctx.per_scale * qmax) ** 0.5
-        return g, grad_s, None, None, None
-
-
-class EmbeddingQAT(nn.Embedding):
+class EmbeddingQAT(QATLayer, nn.Embedding):
     """nn.Embedding whose table is fake-quantized (weight only). `config` as for LinearQAT,
     without retrain_data_config. Not part of AMCT's API."""
 
-    _version = 1
+    _FLOAT = nn.Embedding
 
     def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
                  scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None,
@@ -82,20 +59,18 @@ class EmbeddingQAT(nn.Embedding):
         self._build_quant_state(self.weight.device)
 
     def _build_quant_state(self, device):
-        wcfg = self.config.retrain_weight_config
-        n = self.num_embeddings if wcfg.channel_wise else 1
-        f32 = dict(device=device, dtype=torch.float32)
-        if wcfg.learnable_scale:
-            self.wts_scales = nn.Parameter(torch.ones(n, **f32))
-            self.register_buffer("wts_scale_ready", torch.tensor(False, device=device))
-        else:
-            self.register_buffer("wts_scales", torch.ones(n, **f32))
-        self.register_buffer("wts_offsets", torch.zeros(n, device=device, dtype=torch.int8))
+        self._build_weight_state(device)
+
+    def weight_layout(self) -> WeightLayout:
+        return rows_layout(self.weight.shape)
+
+    def n_weight_scales(self) -> int:
+        return self.num_embeddings if self.config.retrain_weight_config.channel_wise else 1
 
     @classmethod
     def from_float(cls, mod, config=None):
         """Wrap an existing nn.Embedding, sharing its weight Parameter."""
-        if not isinstance(mod, nn.Embedding) or isinstance(mod, EmbeddingQAT):
+        if not isinstance(mod, nn.Embedding) or isinstance(mod, QATLayer):
             raise TypeError(f"from_float: expected a torch.nn.Embedding that is not already an EmbeddingQAT, "
                             f"got {type(mod).__name__}")
         check_dtype(mod.weight.dtype, "from_float: mod.weight.dtype")
@@ -116,17 +91,7 @@ class EmbeddingQAT(nn.Embedding):
         emb.train(self.training)
         return emb
 
-    @property
-    def is_calibrated(self) -> bool:
-        """Always True: a weight-only layer has no activation to calibrate."""
-        return True
-
     # ---- forward --------------------------------------------------------------------
-    def updates_state(self) -> bool:
-        if _exporting():
-            return False
-        return _FORCE.on or (self.training and torch.is_grad_enabled())
-
     def _check_ids(self, ids):
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor of token ids, got {type(ids).__name__}")
@@ -139,53 +104,31 @@ class EmbeddingQAT(nn.Embedding):
         if not self.config.retrain_enable:
             return nn.Embedding.forward(self, ids)
         self._check_ids(ids)
-        if _torch_exporting():
-            return self._forward_for_export(ids)
+        if torch_exporting():
+            return self.export_forward(ids)
         wcfg = self.config.retrain_weight_config
-        update = self.updates_state()
-        scale = self._scale(update)
+        scale = self._weight_scale(self.updates_state())
         rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq)
         if wcfg.channel_wise:
             scale = F.embedding(ids, scale.unsqueeze(-1))  # each looked-up row's own scale
         per_scale = self.embedding_dim if wcfg.channel_wise else self.weight.numel()
-        return _FakeQuantRows.apply(rows, scale, wcfg.num_bits, wcfg.learnable_scale, per_scale)
-
-    def _scale(self, update):
-        wcfg = self.config.retrain_weight_config
-        if wcfg.learnable_scale:
-            if not bool(self.wts_scale_ready):
-                init = initial_weight_scale(self.weight, wcfg.num_bits, wcfg.channel_wise,
-                                            rows_layout(self.weight.shape), wcfg.scale_init)
-                if not update:
-                    return init
-                with torch.no_grad():
-                    write_param(self, "wts_scales", init)  # also into this rank's FSDP2 shard
-                    self.wts_scale_ready.fill_(True)
-            return ulq_weight_scale(self.wts_scales)
-        scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, rows_layout(self.weight.shape))
-        if update:
-            with torch.no_grad():
-                self.wts_scales.copy_(scale)  # a buffer (FSDP2 shards only parameters)
-        return scale
-
-    def weight_qparams(self) -> torch.Tensor:
-        """The scale(s) the next forward would use (no state change)."""
-        with torch.no_grad():
-            return self._scale(False).detach()
+        return FakeQuantRows.apply(rows, scale, wcfg.num_bits, wcfg.learnable_scale, per_scale)
 
     def quantized_table(self):
         """(int8 codes shaped like the table, scales (rows,) or (1,)) of the eval forward."""
-        from ....functional import quantize_weight
-
-        scale = self.weight_qparams()
+        with torch.no_grad():
+            scale = self.weight_qparams().detach()
         return quantize_weight(self.weight.detach(), scale, self.config.retrain_weight_config.num_bits,
                                rows_layout(self.weight.shape)), scale
 
-    def _forward_for_export(self, ids):
-        """Gather the int8 rows and their scales, then dequantize (the table is never dequantized whole)."""
-        from ....export import pinned_embedding
+    def export_constants(self):
+        """What export_onnx pins for the export forward: `quantized_table()`."""
+        return self.quantized_table()
 
-        codes, scale = pinned_embedding(self)
+    def export_forward(self, ids):
+        """Gather the int8 rows and their scales, then dequantize (the table is never dequantized whole):
+        the constants export_onnx computed from the real table, else computed now."""
+        codes, scale = pinned_for(self) or self.quantized_table()
         rows = F.embedding(ids, codes)
         if scale.numel() > 1:
             return rows.to(torch.float32) * F.embedding(ids, scale.unsqueeze(-1))
@@ -198,9 +141,3 @@ class EmbeddingQAT(nn.Embedding):
             return base + ", retrain_enable=False"
         return (f"{base}, weight={wcfg.dst_type} {wcfg.weights_retrain_algo} "
                 f"{'per-row' if wcfg.channel_wise else 'per-tensor'} (weight only)")
-
-    def fake_quantized_weight(self) -> torch.Tensor:
-        """The whole fake-quantized table the eval forward looks rows up in (for checks)."""
-        with torch.no_grad():
-            return fake_quant_weight(self.weight, self.weight_qparams(), self.config.retrain_weight_config.num_bits,
-                                     rows_layout(self.weight.shape))

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from ....config import QATConfig, parse_config
 from ....functional import WeightLayout, rows_layout
 from ....qat_function import LINEAR, LinearOp, qat_apply
-from .base import QATModuleMixin, calibrating, check_device, check_dtype, positive_int
+from ....runtime import calibrating
+from .base import QATModuleMixin
+from .layer import check_device, check_dtype, positive_int
 
 __all__ = ["LinearQAT", "calibrating"]
 
@@ -59,7 +61,7 @@ class LinearQAT(QATModuleMixin, nn.Linear):
     def _out_channels(self) -> int:
         return self.out_features
 
-    def _weight_layout(self) -> WeightLayout:
+    def weight_layout(self) -> WeightLayout:
         group = self.config.retrain_weight_config.group_size
         if group is None:
             return rows_layout(self.weight.shape)
@@ -67,10 +69,10 @@ class LinearQAT(QATModuleMixin, nn.Linear):
         return WeightLayout((self.out_features, self.in_features // group, group),
                             (self.out_features, self.in_features // group, 1), (2,))
 
-    def _n_weight_scales(self) -> int:
+    def n_weight_scales(self) -> int:
         group = self.config.retrain_weight_config.group_size
         if group is None:
-            return super()._n_weight_scales()
+            return super().n_weight_scales()
         return self.out_features * (self.in_features // group)
 
     def _check_input_shape(self, x):
@@ -79,10 +81,10 @@ class LinearQAT(QATModuleMixin, nn.Linear):
                 f"input: expected shape (..., {self.in_features}) (last dim = in_features), got {tuple(x.shape)}"
             )
 
-    def _float_apply(self, x, weight):
+    def float_forward(self, x, weight):
         return F.linear(x, weight, self.bias)
 
     def _qat_call(self, x, w_scale, spec, wq, act_grid):
-        op = LINEAR if self.config.retrain_weight_config.group_size is None else LinearOp(self._weight_layout())
+        op = LINEAR if self.config.retrain_weight_config.group_size is None else LinearOp(self.weight_layout())
         return qat_apply(x, self.weight, self.bias, self.acts_clip_max, self.acts_clip_min, w_scale, spec, op,
                          wq, act_grid)

@@ -6,7 +6,7 @@ Each frame is 1024 samples at 16 kHz of
 with a random f0 (log-uniform in [fmin, fmax]), a random count of harmonics (all below
 0.95 * Nyquist) with random amplitudes (a_1 = 1, a_k = u_k / k^rho) and phases p_k, vibrato of depth
 v cents at rate r Hz, and noise at a random SNR. The label is the instantaneous f0 at the
-frame centre, in cents. Frames are normalised as CREPE expects (crepe.normalise_frames).
+frame centre, in cents. Frames are normalised as CREPE expects (model.normalise_frames).
 Everything is drawn from a seeded torch.Generator in float64: the same seed gives the same
 frames.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .crepe import FRAME, SAMPLE_RATE, hz_to_cents, normalise_frames
+from .model import FRAME, SAMPLE_RATE, hz_to_cents, normalise_frames
 
 # CREPE's 360 bins span about 32.7 Hz .. 1975.5 Hz. Below C2 a 64 ms frame holds fewer than
 # four periods and the tiny model makes octave errors (measured: RPA 0.98 at 46-92 Hz against

@@ -3,18 +3,19 @@ plot.png and the ONNX models into the output folder."""
 from __future__ import annotations
 
 import datetime
-import time
 from dataclasses import asdict, replace
 
 import torch
 
-from ..batchnorm import fold_batchnorm
-from . import crepe_data
-from .crepe_report import table, write_plot
-from .crepe_run import BN_MODES, CrepeOptions, Setting, export_check, export_float, ort_latency, prepare, run_setting
-from .main import settings_from_file
-from .report import PLOT, REPORT, finish_report, fresh_output_dir
-from .run import Timer, with_run_options
+from ...batchnorm import fold_batchnorm
+from ..common.report import begin_run, finish_report
+from ..common.settings import settings_from_file, step_plan, with_run_options
+from ..common.training import Timer
+from . import data as crepe_data
+from .deploy import export_check, export_float, ort_latency
+from .report import table, write_plot
+from .run import prepare, run_setting
+from .settings import BN_MODES, CrepeOptions
 
 QUICK = dict(steps=4, batch_size=16, calib_frames=16, eval_frames=512, curve_frames=128, eval_points=1,
              latency_batch=32, latency_runs=2)
@@ -30,17 +31,12 @@ def run_crepe_demo(out="amct_qat_out", steps=None, batch_size=None, config=None,
         opts = replace(opts, bn_compare=None)
     opts = with_run_options(opts, QUICK, quick, steps, batch_size)
     if config is not None:
-        custom = settings_from_file(config)[0]
-        opts = replace(opts, settings=(Setting(custom.name, custom.label, custom.config),),
-                       bn_compare="custom" if compare_batchnorm else None)
+        opts = replace(opts, settings=settings_from_file(config), bn_compare="custom" if compare_batchnorm else None)
     if overrides:
         opts = replace(opts, **overrides)
-    out = fresh_output_dir(out, (REPORT, PLOT))
-
-    start = time.perf_counter()
+    out, start = begin_run(out)
     timer = Timer()
-    plan = ", ".join(f"{s.name} {opts.steps or s.steps}" for s in opts.settings)
-    log(f"amct-qat demo: CREPE {opts.capacity}, {len(opts.settings)} setting(s), QAT steps ({plan}) of "
+    log(f"amct-qat demo: CREPE {opts.capacity}, {len(opts.settings)} setting(s), QAT steps ({step_plan(opts)}) of "
         f"{opts.batch_size} synthesized frames, {torch.get_num_threads()} torch threads")
     prep = prepare(opts, timer)
     log(f"float model: RPA {100 * prep.float_metrics['rpa']:.2f}%, mean |error| "

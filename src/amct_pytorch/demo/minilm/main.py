@@ -6,45 +6,23 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from ..config import parse_config
-from .report import PLOT, REPORT, finish_report, fresh_output_dir, table, write_plot
+from ..common.ort import quiet_third_party
+from ..common.report import begin_run, finish_report
+from ..common.settings import settings_from_file, step_plan, with_run_options
+from ..common.training import Timer
+from .deploy import export_encoder, latency, ort_accuracy, peer_dynamic, peer_static
 from .model import tokenize
-from .run import (DEFAULT_SETTINGS, SETTINGS, Options, Setting, Timer, export_encoder, latency, ort_accuracy,
-                  peer_dynamic, peer_static, prepare, quiet_third_party, run_setting, split_model, uses_split, w4a8g,
-                  with_run_options)
+from .report import table, write_plot
+from .run import prepare, run_setting, split_model, uses_split
+from .settings import DEFAULT_SETTINGS, Options, parse_settings
 
 QUICK = dict(steps=6, batch_size=8, eval_points=1, max_eval=48, max_train=96, calib_size=16,
              latency_sentences=32, latency_reps=1)
 FLOAT_ONNX, PEERS = "float.onnx", {"ort_dynamic": "ORT quantize_dynamic (per-channel INT8 W, dynamic A)",
                                    "ort_static": "ORT quantize_static (QDQ, per-channel INT8 W, INT8 A)"}
-
-
-def parse_settings(names, group_size=None) -> tuple[Setting, ...]:
-    """`--settings w8a8,w4a8g,w4a8`: built-in settings by name, in the order given."""
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SETTINGS]
-    if unknown or not names:
-        raise ValueError(f"unknown setting(s) {unknown or names!r}; choose from {', '.join(SETTINGS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"a setting is named twice: {','.join(names)}")
-    picked = []
-    for n in names:
-        s = SETTINGS[n]
-        if n == "w4a8g" and group_size is not None:
-            s = w4a8g(group_size, s.steps)
-        picked.append(s)
-    return tuple(picked)
-
-
-def settings_from_file(path) -> tuple[Setting, ...]:
-    """--config: one AMCT config file (JSON) replaces the built-in settings."""
-    config = parse_config(path)  # validates now, before minutes of work
-    return (Setting("custom", f"custom config {Path(path).name}", config.to_dict()),)
 
 
 def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick=False, progress=True,
@@ -65,12 +43,9 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
     opts = with_run_options(opts, QUICK, quick, steps, batch_size)
     if config is not None:
         opts = replace(opts, settings=settings_from_file(config))
-    out = fresh_output_dir(out, (REPORT, PLOT))
-
-    start = time.perf_counter()
+    out, start = begin_run(out)
     timer = Timer()
-    plan = ", ".join(f"{s.name} {opts.steps or s.steps}" for s in opts.settings)
-    log(f"amct-qat demo: all-MiniLM-L6-v2, {len(opts.settings)} setting(s), QAT steps ({plan}) of "
+    log(f"amct-qat demo: all-MiniLM-L6-v2, {len(opts.settings)} setting(s), QAT steps ({step_plan(opts)}) of "
         f"{opts.batch_size} sentences, {torch.get_num_threads()} torch threads")
     model, tokenizer, train_texts, eval_texts, evaluator, targets = prepare(opts, timer)
     log(f"float model: Lee-50 Pearson {evaluator.float_lee:.4f}; {len(train_texts)} calibration/training and "

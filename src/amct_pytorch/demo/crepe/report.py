@@ -1,9 +1,9 @@
-"""The CREPE demo's printed table and plot (report.json is written by report.write_json)."""
+"""The CREPE demo's printed table and plot (report.json and the files: common.report)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .report import save_figure
+from ..common.report import pyplot, save_figure
 
 
 def table(report: dict) -> str:
@@ -37,14 +37,7 @@ def table(report: dict) -> str:
 
 def write_plot(report: dict, path: Path) -> None:
     """Training loss and RPA along training per setting (and BatchNorm mode); final RPA per phase."""
-    from .model import require
-
-    require("matplotlib")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (loss_ax, rpa_ax, bar_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
     f_rpa = 100 * report["float"]["rpa"]
     for s in report["settings"]:

@@ -5,20 +5,14 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from ..common.deps import require
+
 MAX_TOKENS = 256  # the model's sentence-transformers max_seq_length
-EXTRA_HINT = "the demo needs the 'demo' extra: pip install 'amct-qat[demo]'"
-
-
-def require(module: str):
-    """Import an optional dependency, or fail naming the extra that provides it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(f"{module} is not installed; {EXTRA_HINT}") from err
+# The pooler (CLS dense + tanh) is not part of the sentence embedding: left float.
+SKIP = ["pooler.dense"]
 
 
 def load_model():
@@ -63,6 +57,18 @@ def batches(tokenizer, texts: list[str], batch_size: int) -> list[dict[str, torc
         order[k:k + batch_size])) for k in range(0, len(texts), batch_size)]
 
 
+class SentenceEncoder(nn.Module):
+    """input_ids, attention_mask -> L2-normalised mean-pooled embeddings (what ONNX gets)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return pool(self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                    attention_mask)
+
+
 @torch.no_grad()
 def encode(model, tokenized: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Embeddings of pre-tokenized batches (from `batches`), in the original text order."""
@@ -71,6 +77,11 @@ def encode(model, tokenized: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     for b in tokenized:
         parts.append(embed(model, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}))
         order.append(b["order"])
+    return in_text_order(parts, order)
+
+
+def in_text_order(parts: list[torch.Tensor], order: list[torch.Tensor]) -> torch.Tensor:
+    """Per-batch embeddings of `batches`' length-sorted batches, back in the original text order."""
     out = torch.empty(sum(len(o) for o in order), parts[0].shape[1])
     out[torch.cat(order)] = torch.cat(parts)
     return out

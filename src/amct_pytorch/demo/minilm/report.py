@@ -1,13 +1,9 @@
-"""The demo's outputs: the printed table, report.json and plot.png.
-
-Files are written under a temporary name and renamed only when complete, so an
-interrupted run never leaves a report that looks finished.
-"""
+"""The MiniLM demo's printed tables and plot (report.json and the files: common.report)."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
+
+from ..common.report import pyplot, save_figure
 
 
 def table(report: dict) -> str:
@@ -61,71 +57,9 @@ def deployment_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def fresh_output_dir(out, names) -> Path:
-    """Create `out` and delete the files `names` from an earlier run: a report in `out` always
-    belongs to a finished run (they are written under temporary names and renamed at the end)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (out / name).unlink(missing_ok=True)
-    return out
-
-
-def save_figure(fig, path: Path) -> None:
-    """Write a matplotlib figure as PNG atomically, then close it."""
-    import matplotlib.pyplot as plt
-
-    def write(tmp):
-        fig.savefig(tmp, format="png", dpi=90)
-    try:
-        _replace_atomically(path, write)
-    finally:
-        plt.close(fig)
-
-
-REPORT, PLOT = "report.json", "plot.png"  # every demo's report files in its output folder
-
-
-def finish_report(report: dict, start: float, out: Path, log, table, write_plot, artifacts: str) -> dict:
-    """A demo's last step: total time, the printed table, plot.png and report.json (written last,
-    so a report.json in `out` belongs to a finished run), and the closing line."""
-    import time
-
-    report["total_time_s"] = round(time.perf_counter() - start, 1)
-    log(table(report))
-    write_plot(report, out / PLOT)
-    write_json(report, out / REPORT)
-    log(f"wrote {out / REPORT}, {out / PLOT} and {artifacts}; total {report['total_time_s']:.0f}s")
-    return report
-
-
-def write_json(report: dict, path: Path) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-    _replace_atomically(path, write)
-
-
 def write_plot(report: dict, path: Path) -> None:
     """Loss and held-out cosine over the training steps; clip ranges before/after QAT."""
-    from .model import require
-
-    require("matplotlib")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     settings = report["settings"]
     deployment = report.get("deployment")
     rows = 1 + (len(settings) + 1) // 2 + (1 if deployment else 0)

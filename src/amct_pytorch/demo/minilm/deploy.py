@@ -1,0 +1,146 @@
+"""The MiniLM demo's deployment: ONNX artifacts, their ONNX Runtime accuracy, size and latency, and
+ONNX Runtime's own quantizations of the float model (--peers)."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...export import export_onnx
+from ..common.ort import ort_session, quiet_third_party
+from .model import SentenceEncoder, in_text_order, tokenize
+from .settings import Options
+
+
+def export_encoder(model, tokenizer, texts, path, **export_kwargs) -> dict[str, Any]:
+    """Export `model` as SentenceEncoder(input_ids, attention_mask) -> embedding, batch and sequence
+    dynamic (one artifact for every length), quantized weights stored as integers. `export_kwargs`
+    go to export_onnx (e.g. group_wise_int4="qdq"); check=False unless given."""
+    encoder = SentenceEncoder(model).eval()
+    batch = tokenize(tokenizer, texts)
+    export_kwargs.setdefault("check", False)  # the demo compares ORT on every held-out sentence instead
+    start = time.perf_counter()
+    with quiet_third_party():
+        result = export_onnx(encoder, (batch["input_ids"], batch["attention_mask"]), path, **export_kwargs)
+    return {"path": str(path), "size_mb": round(os.path.getsize(path) / 1e6, 2),
+            "dynamic_dims": [list(d) for d in result.dynamic_dims],
+            "export_time_s": round(time.perf_counter() - start, 2)}
+
+
+def session_feed(session, batch) -> dict:
+    """A tokenized batch (input_ids, attention_mask) as the session's inputs; a dict already keyed
+    by the session's input names (numpy arrays) is passed through."""
+    names = [i.name for i in session.get_inputs()]
+    if all(n in batch for n in names):
+        return {n: batch[n] for n in names}
+    ids, mask = names
+    return {ids: batch["input_ids"].numpy(), mask: batch["attention_mask"].numpy()}
+
+
+def ort_encode(session, tokenized) -> torch.Tensor:
+    """Embeddings from ORT of pre-tokenized batches (`model.batches`), in the original text order."""
+    parts, order = [], []
+    for b in tokenized:
+        parts.append(torch.from_numpy(session.run(None, session_feed(session, b))[0]))
+        order.append(b["order"])
+    return in_text_order(parts, order)
+
+
+def ort_accuracy(path, evaluator, torch_embeddings=None) -> dict[str, Any]:
+    """The ORT-run artifact on every held-out sentence, each batch at its own padded length:
+    cosine to the float PyTorch model's embeddings, and (when given) the difference to the
+    PyTorch model it was exported from."""
+    start = time.perf_counter()
+    got = ort_encode(ort_session(path), evaluator.eval_batches)
+    out = {**evaluator.accuracy(got), "sentences": len(got),
+           "max_tokens": max(int(b["input_ids"].shape[1]) for b in evaluator.eval_batches)}
+    if torch_embeddings is not None:
+        out["max_abs_diff_vs_torch"] = float((got - torch_embeddings).abs().max())
+        out["min_cos_vs_torch"] = float(torch.nn.functional.cosine_similarity(got, torch_embeddings).min())
+    out["eval_time_s"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def time_artifacts(sessions: dict, feeds: list[dict], reps: int, warmup: int = 1) -> dict[str, dict]:
+    """{name: {"median_ms": ms per batch, "per_rep_ms": [...]}}. Every artifact runs the same batches;
+    the artifacts take turns within each repetition (machine noise hits all alike); a repetition's
+    time is the mean over its batches, the result the median over repetitions."""
+    for s in sessions.values():
+        for _ in range(warmup):
+            for f in feeds:
+                s.run(None, session_feed(s, f))
+    times = {name: [] for name in sessions}
+    names = list(sessions)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            s = sessions[name]
+            fed = [session_feed(s, f) for f in feeds]
+            start = time.perf_counter()
+            for f in fed:
+                s.run(None, f)
+            times[name].append(round((time.perf_counter() - start) * 1e3 / len(feeds), 3))
+    return {name: {"median_ms": statistics.median(t), "per_rep_ms": t} for name, t in times.items()}
+
+
+def latency(paths: dict[str, str], tokenizer, texts, opts: Options) -> dict[str, Any]:
+    """ORT latency of every artifact, `opts.latency_threads` intra-op thread(s), per batch size:
+    consecutive held-out sentences, each batch padded to its own longest sentence."""
+    start = time.perf_counter()
+    texts = texts[:opts.latency_sentences]
+    sessions = {name: ort_session(p, opts.latency_threads) for name, p in paths.items()}
+    out = {}
+    for b in opts.latency_batches:
+        feeds = [tokenize(tokenizer, texts[k:k + b]) for k in range(0, len(texts) - b + 1, b)]
+        if feeds:
+            out[str(b)] = {"batches": len(feeds), **time_artifacts(sessions, feeds, opts.latency_reps)}
+    return {"threads": opts.latency_threads, "reps": opts.latency_reps, "sentences": len(texts),
+            "by_batch": out, "time_s": round(time.perf_counter() - start, 2)}
+
+
+def peer_dynamic(float_path, out) -> Path:
+    """ORT's own dynamic quantization of the float artifact: INT8 per-channel weights (MatMul and
+    the embedding Gather), activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_third_party():
+        quantize_dynamic(str(float_path), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    return Path(out)
+
+
+def weight_matmuls(path) -> list[str]:
+    """The MatMul nodes with a weight initializer (the Linear layers, what QAT quantizes); not the
+    attention's activation x activation MatMuls."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+
+
+def peer_static(float_path, out, calib_batches) -> Path:
+    """ORT's static quantization of the float artifact: QDQ, INT8 per-channel weights, INT8
+    activations calibrated (MinMax, ORT's default) on the sentences the QAT settings calibrate on.
+    Like the QAT settings it quantizes the Linear MatMuls only: with ORT's default op list (every
+    MatMul, Add, Gather, Softmax ...), MinMax calibration left a mean cosine of 0.38 (48 held-out
+    sentences)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calib_batches)
+
+        def get_next(self):
+            b = next(self.items, None)
+            return None if b is None else {"input_0": b["input_ids"].numpy(), "input_1": b["attention_mask"].numpy()}
+
+    with quiet_third_party():
+        quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=weight_matmuls(float_path))
+    return Path(out)
+
+

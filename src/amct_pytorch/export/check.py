@@ -1,0 +1,314 @@
+"""The check that tells a right artifact from a wrong one, layer by layer.
+
+A QDQ artifact is right when each quantized layer computes, on the input ONNX Runtime gave it,
+what its Q/DQ nodes say: codes = saturate(round_half_even(x / s) + z), then the float op on the
+dequantized codes and weight, plus the float bias. So for every layer this check
+
+1. reads ORT's own input x of the layer (the value its activation QuantizeLinear quantizes) and
+   its output y (the op's output, after the bias Add), by exposing those values as extra graph
+   outputs (a MatMul / Add / Conv output keeps ORT's fusions; a Q/DQ output would not);
+2. computes the layer exactly (float64) from x, the stored integer codes and the factors in the
+   graph;
+3. allows only what float32 arithmetic can explain: a sum of K products in any order is within
+   gamma_K = K·u/(1 - K·u) of the exact sum relative to the sum of the products' magnitudes
+   (u = 2^-24; Higham, 3.1), plus the rounding of the scaling and the bias add.
+
+A rounding tie moves one activation code, identically in the emulation and in ORT (both round
+half to even): it can never make a layer fail. What the check catches: integer kernels that
+saturate (the u8s8 pair sums of AVX2 CPUs without VNNI), a bias quantized to int32, a
+dequantization that does not match its zero point, any layer whose output is not its Q/DQ
+computation. The instrumented run must also give the same final outputs as the plain session
+(else ORT chose other kernels for it, and the plain session is judged by its outputs alone).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .onnx_graph import OnnxGraph, attr
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """One quantized layer of the artifact as ONNX Runtime ran it."""
+
+    layer: str  # the module path (from its weight initializer's name)
+    op: str  # MatMul, Gemm, Conv, MatMulNBits
+    max_abs_diff: float  # ORT vs the exact layer on ORT's own input
+    bound: float  # the float32 rounding that can explain a difference, at the element of max_abs_diff
+    ok: bool
+
+
+@dataclass
+class _Site:
+    layer: str
+    node: object  # the op
+    x: str  # the float value its activation quantizer reads
+    y: str  # the layer's output (after its bias Add, if any)
+    q: object  # the activation QuantizeLinear
+    bias: str | None
+
+
+def _producer(proto):
+    return {o: n for n in proto.graph.node for o in n.output}
+
+
+def _layer_name(weight_source: str) -> str:
+    return weight_source[: -len(".weight")] if weight_source.endswith(".weight") else weight_source
+
+
+def find_sites(proto, folded) -> list[_Site]:
+    """The quantized layers of an export_onnx graph: for each folded weight, its op, the float input
+    of its activation quantizer and its output."""
+    g = OnnxGraph(proto.graph)
+    prod = _producer(proto)
+    sites = []
+    for f in folded:
+        users = g.consumers.get(f.name, [])
+        if not users:
+            continue
+        first = users[0]
+        if first.op_type == "Cast":  # packed INT4 codes: Cast(to=INT8) -> DequantizeLinear
+            first = (g.consumers.get(first.output[0]) or [None])[0]
+        if first is None:
+            continue
+        if first.op_type == "MatMulNBits":
+            op, act = first, first.input[0]
+        elif first.op_type == "DequantizeLinear":
+            ops = g.consumers.get(first.output[0], [])
+            if len(ops) != 1 or ops[0].op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+                continue
+            op = ops[0]
+            act = op.input[0]
+        else:
+            continue
+        dq = prod.get(act)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = prod.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        x = q.input[0]
+        if x in g.consts:
+            continue
+        y, bias = op.output[0], None
+        if op.op_type in ("Gemm",) and len(op.input) > 2 and op.input[2]:
+            bias = op.input[2]
+        elif op.op_type in ("Conv", "ConvTranspose") and len(op.input) > 2 and op.input[2]:
+            bias = op.input[2]
+        else:
+            adds = g.consumers.get(y, [])
+            if len(adds) == 1 and adds[0].op_type == "Add":
+                other = [n for n in adds[0].input if n != y]
+                if len(other) == 1 and other[0] in g.consts:
+                    bias, y = other[0], adds[0].output[0]
+        sites.append(_Site(_layer_name(f.source), op, x, y, q, bias))
+    return sites
+
+
+def instrumented(proto, sites):
+    """A copy of `proto` whose outputs also hold every site's x and y."""
+    import copy
+
+    from onnx import helper  # optional dependency
+
+    proto = copy.deepcopy(proto)
+    have = {o.name for o in proto.graph.output}
+    for s in sites:
+        for name in (s.x, s.y):
+            if name not in have:
+                proto.graph.output.append(helper.make_empty_tensor_value_info(name))
+                have.add(name)
+    return proto
+
+
+def _dequantized(g: OnnxGraph, dq_node, codes_name=None) -> np.ndarray:
+    """DequantizeLinear(codes, scale, zero point) of a constant input, in float64."""
+    codes = g.array(codes_name or dq_node.input[0])
+    scale = g.array(dq_node.input[1]).astype(np.float64)
+    zp = g.array(dq_node.input[2]).astype(np.float64) if len(dq_node.input) > 2 and dq_node.input[2] else 0.0
+    codes = codes.astype(np.float64)
+    axis, block = attr(dq_node, "axis", 1), attr(dq_node, "block_size", 0)
+    if block:
+        axis = axis % codes.ndim
+        scale = np.repeat(scale, block, axis=axis)
+        zp = np.repeat(zp, block, axis=axis) if np.ndim(zp) else zp
+    elif np.ndim(scale) and np.size(scale) > 1:
+        axis = axis % codes.ndim
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        zp = np.reshape(zp, shape) if np.size(zp) > 1 else zp
+    return (codes - zp) * scale
+
+
+def _weight(g: OnnxGraph, prod, site) -> np.ndarray:
+    op = site.node
+    if op.op_type == "MatMulNBits":
+        from .matmulnbits import matmulnbits_codes
+
+        n, k, block = attr(op, "N"), attr(op, "K"), attr(op, "block_size")
+        codes = matmulnbits_codes(g.array(op.input[1])).astype(np.float64)[:, :k]
+        scales = g.array(op.input[2]).astype(np.float64).reshape(n, -1)
+        return (codes * np.repeat(scales, block, axis=1)[:, :k]).T  # (K, N)
+    dq = prod[op.input[1]]
+    src = prod.get(dq.input[0])
+    codes_name = src.input[0] if src is not None and src.op_type == "Cast" else None
+    return _dequantized(g, dq, codes_name)
+
+
+def _activation(g: OnnxGraph, q, x: np.ndarray) -> np.ndarray:
+    """ONNX QuantizeLinear then DequantizeLinear of x, exactly as ONNX defines them."""
+    from onnx import TensorProto  # optional dependency
+
+    s = g.array(q.input[1]).astype(np.float32)
+    zp_proto = g.consts[q.input[2]]
+    z = g.array(q.input[2]).astype(np.float32)
+    lo, hi = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT4: (-8, 7),
+              TensorProto.UINT4: (0, 15)}[zp_proto.data_type]
+    codes = np.clip(np.rint(x.astype(np.float32) / s) + z, lo, hi)
+    return (codes.astype(np.float64) - z.astype(np.float64)) * s.astype(np.float64)
+
+
+def _conv(op, x, w, transposed):
+    import torch  # the float64 reference of the conv
+
+    dims = w.ndim - 2
+    strides = attr(op, "strides", [1] * dims)
+    pads = attr(op, "pads", [0] * (2 * dims))
+    dil = attr(op, "dilations", [1] * dims)
+    group = attr(op, "group", 1)
+    if attr(op, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or list(pads[:dims]) != list(pads[dims:]):
+        return None  # asymmetric or automatic padding: not emulated here
+    xt, wt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(w))
+    if transposed:
+        out_pad = attr(op, "output_padding", [0] * dims)
+        fn = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d,
+              3: torch.nn.functional.conv_transpose3d}[dims]
+        return fn(xt, wt, None, strides, list(pads[:dims]), list(out_pad), group, dil).numpy()
+    fn = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dims]
+    return fn(xt, wt, None, strides, list(pads[:dims]), dil, group).numpy()
+
+
+def _apply(op, x, w):
+    """(y, |x| op |w|, K) in float64: the op, the magnitudes its sums add up, and the terms per sum."""
+    if op.op_type == "Gemm":
+        w = w.T if attr(op, "transB", 0) else w
+    if op.op_type in ("MatMul", "Gemm", "MatMulNBits"):
+        return x @ w, np.abs(x) @ np.abs(w), w.shape[0]
+    transposed = op.op_type == "ConvTranspose"
+    y = _conv(op, x, w, transposed)
+    if y is None:
+        return None
+    mag = _conv(op, np.abs(x), np.abs(w), transposed)
+    k = int(np.prod(w.shape[1:])) if not transposed else int(w.shape[0] * np.prod(w.shape[2:]))
+    return y, mag, k
+
+
+def check_layers(proto, sites, values: dict[str, np.ndarray]) -> list[LayerCheck]:
+    """Each site's ORT output against its exact computation on ORT's own input (`values`: the
+    instrumented run's outputs by name)."""
+    g = OnnxGraph(proto.graph)
+    prod = _producer(proto)
+    results = []
+    for s in sites:
+        x, y = values[s.x], values[s.y].astype(np.float64)
+        xq = _activation(g, s.q, x)
+        w = _weight(g, prod, s)
+        out = _apply(s.node, xq, w)
+        if out is None:
+            continue
+        ref, mag, k = out
+        if s.bias is not None:
+            b = g.array(s.bias).astype(np.float64)
+            if s.node.op_type in ("Conv", "ConvTranspose") and b.ndim == 1:
+                b = b.reshape(-1, *([1] * (ref.ndim - 2)))
+            ref = ref + b
+            mag = mag + np.abs(b)
+        gamma = (k + 4) * U32 / (1 - (k + 4) * U32)  # the K-term sum, the scaling, the bias add
+        bound = gamma * mag + 2 * U32 * np.abs(ref) + np.finfo(np.float32).tiny
+        if ref.shape != y.shape:
+            ref = ref.reshape(y.shape)
+            bound = bound.reshape(y.shape)
+        diff = np.abs(y - ref)
+        worst = int(np.argmax(diff))
+        results.append(LayerCheck(s.layer, s.node.op_type, float(diff.max()), float(bound.reshape(-1)[worst]),
+                                  bool(np.all(diff <= bound))))
+    return results
+
+
+class ArtifactCheckError(RuntimeError):
+    """The exported artifact does not compute what the model computes (the message names the layer)."""
+
+
+def _run(session, inputs):
+    feed = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feed)))
+
+
+def check_artifact(model, path, folded, input_sets, *, session_options=None, atol=None):
+    """Run `path` in ONNX Runtime on every tuple of `input_sets` and judge it (see the module doc).
+
+    Returns (max abs difference of the final outputs from `model`, per-layer results of the worst
+    input set). Raises ArtifactCheckError naming the first layer (in graph order) whose output is
+    not its Q/DQ computation, or when the instrumented run's final outputs differ from the plain
+    run's, or (with `atol`) when a final output differs from the model's by more than `atol`.
+    """
+    import onnx  # optional dependency
+
+    from .ort import autocast_off, flat_outputs, ort_session
+
+    proto = onnx.load(path)
+    sites = find_sites(proto, folded)
+    plain = ort_session(path, session_options)
+    probe_proto = instrumented(proto, sites)
+    probe = ort_session_from_proto(probe_proto, session_options)
+    final_names = [o.name for o in proto.graph.output]
+    worst_diff, layers = 0.0, []
+    import torch
+
+    for inputs in input_sets:
+        got = _run(plain, inputs)
+        with torch.no_grad(), autocast_off():
+            want = flat_outputs(model(*inputs))
+        if len(want) != len(final_names):
+            raise RuntimeError(f"{path}: ONNX model has {len(final_names)} outputs, the PyTorch model {len(want)}")
+        diff = max(float(np.max(np.abs(got[n].astype(np.float64) - w.astype(np.float64))))
+                   for n, w in zip(final_names, want))
+        values = _run(probe, inputs)
+        for n in final_names:
+            a, b = got[n].astype(np.float64), values[n].astype(np.float64)
+            scale = float(np.max(np.abs(a))) if a.size else 0.0
+            if not np.all(np.abs(a - b) <= 8 * U32 * scale):
+                raise ArtifactCheckError(
+                    f"{path}: ONNX Runtime computes output {n!r} differently when the layers' intermediate values "
+                    f"are read out (max abs {float(np.max(np.abs(a - b))):.3g}): it chose other kernels or "
+                    "rewrites for the plain graph, so the artifact cannot be verified layer by layer")
+        checks = check_layers(proto, sites, values)
+        bad = next((c for c in checks if not c.ok), None)
+        if bad is not None:
+            raise ArtifactCheckError(
+                f"{path}: layer {bad.layer!r} ({bad.op}) computes wrong values in ONNX Runtime: its output differs "
+                f"from the exact computation of its Q/DQ nodes on the same input by {bad.max_abs_diff:.3g}, where "
+                f"float32 rounding explains at most {bad.bound:.3g} (docs/export.md, \"The check\"). Rounding "
+                "ties cannot cause this; a saturating integer kernel, a quantized bias or a rewritten graph can.")
+        if diff >= worst_diff:
+            worst_diff, layers = diff, checks
+    if atol is not None and worst_diff > atol:
+        raise ArtifactCheckError(
+            f"{path}: ONNX Runtime output differs from the PyTorch eval output by {worst_diff:.3g} (max abs), above "
+            f"atol={atol:g}; every quantized layer computes its Q/DQ nodes exactly, so the difference comes from "
+            "rounding ties propagated through the model (docs/export.md, \"Rounding ties\") or from float ops "
+            "outside the quantized layers")
+    return worst_diff, tuple(layers)
+
+
+def ort_session_from_proto(proto, session_options=None):
+    import onnxruntime as ort  # optional dependency
+
+    return ort.InferenceSession(proto.SerializeToString(), sess_options=session_options,
+                                providers=["CPUExecutionProvider"])
