@@ -292,3 +292,39 @@ def _learned_blocks(wb, ds, qmin, qmax):
     factor = 1.0 / (QK * qmax) ** 0.5
     # every added term is exactly 0 in value (x - x.detach()), so the value is q * ds bit for bit
     return (q * ds).detach() + (wb - wb.detach()) + dv * (ds - ds.detach()) * factor
+
+
+def learned_scale_grad(weight: torch.Tensor, grad_wq: torch.Tensor, d: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The gradient of a learnable block scale d (N, K/32) given dL/dŵ (N, K): LSQ's, as
+    `fake_quant_weight_learned`'s autograd computes it (q - w/d_s inside the grid, the clamped code
+    outside, summed over the block, times 1/sqrt(32 qmax); straight through the fp16 rounding)."""
+    qmin, qmax = _check_format(fmt)
+    n, k = weight.shape
+    wb = weight.detach().to(torch.float32).reshape(n, k // QK, QK)
+    ds = storable_scale(d.detach().to(torch.float32)).unsqueeze(-1)
+    v = wb / ds
+    q = torch.round(v).clamp(qmin, qmax)
+    inside = (v >= qmin) & (v <= qmax)
+    dv = torch.where(inside, q - v, q)
+    g = grad_wq.to(torch.float32).reshape(n, k // QK, QK)
+    return (g * dv).sum(-1) / (QK * qmax) ** 0.5
+
+
+# ----------------------------------------------------------------------------- config names
+
+DYNAMIC_ACT_PRESETS = {"llama.cpp-x86": LLAMA_CPP_X86_Q8_0, "llama.cpp-neon": LLAMA_CPP_NEON_Q8_0,
+                       "llama.cpp-reference": LLAMA_CPP_REFERENCE_Q8_0}
+
+
+def dynamic_act_spec(name: str, group_size: int | None = None) -> BlockActSpec:
+    """The BlockActSpec of `retrain_data_config.dynamic_act` (config.DYNAMIC_ACTS): llama.cpp's
+    Q8_0 activation quantizer per target ISA, or ONNX Runtime's MatMulNBits accuracy_level=4 with
+    block = the weight's group_size."""
+    if name == "ort-matmulnbits-level4":
+        if group_size is None:
+            raise ValueError("dynamic_act='ort-matmulnbits-level4': its block is the weight's group_size, got None")
+        return ort_matmulnbits_level4(group_size)
+    if name not in DYNAMIC_ACT_PRESETS:
+        raise ValueError(f"dynamic_act={name!r}: expected one of {sorted(DYNAMIC_ACT_PRESETS)} or "
+                         "'ort-matmulnbits-level4'")
+    return DYNAMIC_ACT_PRESETS[name]
