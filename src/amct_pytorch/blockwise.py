@@ -181,7 +181,7 @@ def fake_quant_act_blocks(x: torch.Tensor, spec: BlockActSpec = LLAMA_CPP_X86_Q8
 FORMATS = {"q8_0": (-127, 127), "q4_0": (-8, 7)}
 
 
-def _check_format(fmt: str) -> tuple[int, int]:
+def check_format(fmt: str) -> tuple[int, int]:
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r}: expected one of {sorted(FORMATS)}")
     return FORMATS[fmt]
@@ -205,7 +205,7 @@ def weight_codes_from_float(weight: torch.Tensor, fmt: str):
     """llama-quantize's Q8_0 / Q4_0 of a float (N, K) weight: (codes int8 (N, K), d float16 (N, K/32)).
 
     Codes are signed (Q4_0: nibble - 8); the value is codes * d."""
-    _check_format(fmt)
+    check_format(fmt)
     wb = _weight_blocks(weight)
     if fmt == "q8_0":
         d = wb.abs().amax(dim=-1, keepdim=True) / 127.0
@@ -249,7 +249,7 @@ def storable_scale(d: torch.Tensor) -> torch.Tensor:
 def weight_codes_learned(weight: torch.Tensor, d: torch.Tensor, fmt: str):
     """Codes int8 (N, K) and the stored scale float16 (N, K/32) for a learned scale d: what an
     exporter writes (never re-quantized from float)."""
-    qmin, qmax = _check_format(fmt)
+    qmin, qmax = check_format(fmt)
     wb = _weight_blocks(weight)
     _check_scale(d, wb)
     ds = storable_scale(d.detach().to(torch.float32)).unsqueeze(-1)
@@ -267,7 +267,7 @@ def fake_quant_weight_learned(weight: torch.Tensor, d: torch.Tensor, fmt: str) -
     """ŵ = clamp(round(w / fp16(d)), qmin, qmax) * fp16(d) per block of 32 along K.
 
     Gradients: straight-through to weight; LSQ to d (see the module docstring)."""
-    qmin, qmax = _check_format(fmt)
+    qmin, qmax = check_format(fmt)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-d (N, K) weight, got shape {tuple(weight.shape)}")
     n, k = weight.shape
@@ -298,7 +298,7 @@ def learned_scale_grad(weight: torch.Tensor, grad_wq: torch.Tensor, d: torch.Ten
     """The gradient of a learnable block scale d (N, K/32) given dL/dŵ (N, K): LSQ's, as
     `fake_quant_weight_learned`'s autograd computes it (q - w/d_s inside the grid, the clamped code
     outside, summed over the block, times 1/sqrt(32 qmax); straight through the fp16 rounding)."""
-    qmin, qmax = _check_format(fmt)
+    qmin, qmax = check_format(fmt)
     n, k = weight.shape
     wb = weight.detach().to(torch.float32).reshape(n, k // QK, QK)
     ds = storable_scale(d.detach().to(torch.float32)).unsqueeze(-1)

@@ -18,16 +18,13 @@ What cannot be exported is refused with a ValueError naming the layer: quantized
 K is not a multiple of 32, parameters of module types llama.cpp's BERT graph does not hold,
 non-BERT configs (relative position embeddings, activations other than GELU).
 
-`llama_embed` runs llama-cpp-python in a child process (a llama.cpp abort kills its process)
-and returns L2-normalised sentence embeddings.
+`export_gguf` writes a QAT model: every LinearQAT with `retrain_weight_config.gguf_type` as its
+trained codes and stored fp16 scales (`QATLayer.gguf_blocks`), an EmbeddingQAT word table with a
+gguf_type likewise, float linears as `float_type`, and refuses QAT layers whose grid llama.cpp
+cannot hold. The llama.cpp runner and the PyTorch emulation live in `export/llama.py`.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Mapping, NamedTuple, Union
 
@@ -35,7 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from amct_pytorch import blockwise
+from .. import blockwise
+from ..nn.module.quantization.embedding import EmbeddingQAT
+from ..nn.module.quantization.layer import QATLayer
 
 QK = blockwise.QK
 FLOAT_TYPES = ("f32", "f16")
@@ -62,7 +61,7 @@ class QuantBlocks(NamedTuple):
     fmt: str
 
     def check(self, name: str = "weight") -> "QuantBlocks":
-        qmin, qmax = blockwise._check_format(self.fmt)
+        qmin, qmax = blockwise.check_format(self.fmt)
         if self.codes.dim() != 2 or self.codes.dtype != torch.int8:
             raise ValueError(f"{name}: codes must be a 2-d int8 (N, K) tensor, got {self.codes.dtype} "
                              f"shape {tuple(self.codes.shape)}")
@@ -109,7 +108,7 @@ def pack_blocks(blocks: QuantBlocks) -> np.ndarray:
 
 def unpack_blocks(data: np.ndarray, fmt: str, shape: tuple[int, int]) -> QuantBlocks:
     """Inverse of `pack_blocks` (e.g. for tensors read back with gguf.GGUFReader)."""
-    blockwise._check_format(fmt)
+    blockwise.check_format(fmt)
     n, k = shape
     nb = k // QK
     raw = np.ascontiguousarray(np.asarray(data, dtype=np.uint8)).reshape(n, nb, _BLOCK_BYTES[fmt])
@@ -130,7 +129,8 @@ _LINEAR_SUFFIXES = ("attention.self.query", "attention.self.key", "attention.sel
 _SKIPPED_PREFIXES = ("pooler.",)  # llama.cpp's BERT graph pools itself; the HF pooler is not part of it
 
 
-def _strip(name: str) -> str:
+def strip_prefix(name: str) -> str:
+    """A HF module name without the leading 'bert.'."""
     return name[5:] if name.startswith("bert.") else name
 
 
@@ -228,16 +228,18 @@ def export_bert_gguf(model: nn.Module, tokenizer, path, *, linear_weights: Mappi
     _check_config(config)
     linear_weights = dict(linear_weights or {})
     modules = dict(bert.named_modules())
-    unknown = [k for k in linear_weights if _strip(k) not in modules or not isinstance(modules[_strip(k)], nn.Linear)]
+    unknown = [k for k in linear_weights if strip_prefix(k) not in modules or not isinstance(modules[strip_prefix(k)], nn.Linear)]
     if unknown:
         raise ValueError(f"linear_weights: {unknown} are not Linear modules of the encoder")
-    linear_weights = {_strip(k): v for k, v in linear_weights.items()}
+    linear_weights = {strip_prefix(k): v for k, v in linear_weights.items()}
 
     n_layers = config.num_hidden_layers
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layers)
     tensors = []  # (gguf name, data, raw_dtype, type)
     for mod_name, module in bert.named_modules():
         params = dict(module.named_parameters(recurse=False))
+        if isinstance(module, QATLayer):  # its quantizer state is not part of the file
+            params = {k: v for k, v in params.items() if k in ("weight", "bias")}
         if not params or mod_name.startswith(_SKIPPED_PREFIXES) or mod_name == "pooler":
             continue
         kind = _module_kind(mod_name, module)
@@ -315,139 +317,66 @@ def _module_kind(name: str, module: nn.Module) -> str:
                      f"and LayerNorm parameters")
 
 
-# ----------------------------------------------------------------------------- llama.cpp runner
-
-_CHILD = r"""
-import json, sys, time
-import numpy as np
-from llama_cpp import Llama
-args = json.loads(sys.stdin.read())
-llm = Llama(model_path=args["path"], embedding=True, n_threads=args["threads"], n_threads_batch=args["threads"],
-            n_ctx=args["n_ctx"], n_batch=args["n_ctx"], n_ubatch=args["n_ctx"], verbose=False)
-out, times, ntok = [], [], []
-for s in args["sentences"]:
-    if args["tokens"]:
-        ntok.append(llm.tokenize(s.encode("utf-8"), add_bos=True, special=False))
-    t0 = time.perf_counter()
-    e = llm.embed(s, normalize=False)
-    times.append(time.perf_counter() - t0)
-    out.append(e)
-np.save(args["out"], np.asarray(out, dtype=np.float32))
-json.dump({"seconds": times, "tokens": ntok}, open(args["out"] + ".json", "w"))
-"""
 
 
-class LlamaRun(NamedTuple):
-    embeddings: np.ndarray  # (n, hidden), L2-normalised
-    seconds: list  # wall time of each sentence's embed call
-    tokens: list  # llama.cpp's token ids per sentence (when asked for)
+def _qat_blocks(name: str, module: QATLayer) -> QuantBlocks | None:
+    """The GGUF blocks a QAT layer trained (None: quantization is switched off, the weight is float)."""
+    if not module.config.retrain_enable:
+        return None
+    wcfg = module.config.retrain_weight_config
+    if wcfg.gguf_type is None:
+        layout = f"group_size={wcfg.group_size}" if wcfg.group_size else f"channel_wise={wcfg.channel_wise}"
+        raise ValueError(
+            f"{name}: {module.describe()} is quantized to {wcfg.dst_type} ({layout}), a grid llama.cpp does not "
+            "hold; a GGUF stores Q8_0/Q4_0 blocks of 32 with fp16 scales: train it with "
+            "retrain_weight_config.gguf_type='Q8_0' or 'Q4_0' (and dynamic_act='llama.cpp-x86')"
+        )
+    codes, scales = module.gguf_blocks()
+    return QuantBlocks(codes, scales, wcfg.block_format)
 
 
-def llama_embed(path, sentences: list[str], threads: int = 1, *, n_ctx: int = 512, with_tokens: bool = False,
-                timeout: float = 600.0) -> np.ndarray:
-    """L2-normalised llama.cpp embeddings of `sentences` (n, hidden), computed in a child process."""
-    return llama_run(path, sentences, threads, n_ctx=n_ctx, with_tokens=with_tokens, timeout=timeout).embeddings
+def export_gguf(model: nn.Module, path, *, tokenizer, float_type: str = "f32", token_embd_type: str | None = None,
+                pooling: str = "mean", name: str | None = None) -> GGUFExport:
+    """Write a QAT BERT encoder (a transformers BertModel, or a model whose `.bert` is one) as a GGUF
+    file llama.cpp runs in embedding mode.
 
-
-def llama_run(path, sentences: list[str], threads: int = 1, *, n_ctx: int = 512, with_tokens: bool = False,
-              timeout: float = 600.0) -> LlamaRun:
-    """`llama_embed` plus per-sentence timings and (optionally) llama.cpp's tokenization."""
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads={threads!r}: expected a positive int")
-    if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
-        raise TypeError("sentences: expected a list of str")
-    with tempfile.TemporaryDirectory(prefix="amct-llama-") as tmp:
-        out = os.path.join(tmp, "emb.npy")
-        args = {"path": str(path), "sentences": list(sentences), "threads": threads, "n_ctx": n_ctx,
-                "tokens": with_tokens, "out": out}
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        proc = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(args), capture_output=True,
-                              text=True, timeout=timeout, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"llama.cpp child process failed (exit code {proc.returncode}) on {path}:\n"
-                               f"{proc.stderr[-4000:]}")
-        emb = np.load(out)
-        meta = json.load(open(out + ".json"))
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    emb = emb / np.where(norms == 0, 1.0, norms)
-    return LlamaRun(emb, meta["seconds"], meta["tokens"])
-
-
-# ----------------------------------------------------------------------------- PyTorch emulation
-
-GELUS = ("erf", "tanh", "llama")
-
-
-def llama_gelu(x: torch.Tensor) -> torch.Tensor:
-    """ggml_gelu as llama.cpp's CPU backend computes it (GGML_GELU_FP16): the tanh approximation
-    looked up from a table indexed by fp16(x) and holding fp16 values; x <= -10 gives 0, x >= 10 x."""
-    xf = x.to(torch.float32)
-    t = xf.to(torch.float16).to(torch.float32)
-    table = torch.nn.functional.gelu(t, approximate="tanh").to(torch.float16).to(torch.float32)
-    out = torch.where(xf <= -10.0, torch.zeros_like(xf), torch.where(xf >= 10.0, xf, table))
-    return out.to(x.dtype)
-
-
-class _Gelu(nn.Module):
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x):
-        if self.kind == "llama":
-            return llama_gelu(x)
-        return torch.nn.functional.gelu(x, approximate="tanh" if self.kind == "tanh" else "none")
-
-
-class EmulatedLinear(nn.Module):
-    """y = x̂ W^T + b with W the dequantized blocks and x̂ the activation fake-quant of `spec`
-    (None: float activations)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.spec = spec
-
-    def forward(self, x):
-        if self.spec is not None:
-            x = blockwise.fake_quant_act_blocks(x, self.spec)
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-
-
-def llama_emulation(model: nn.Module, linear_weights: Mapping[str, Weight] | None = None, *,
-                    act_spec=blockwise.LLAMA_CPP_X86_Q8_0, gelu: str = "erf",
-                    token_embd: Weight | None = None) -> nn.Module:
-    """A copy of a BERT encoder computing what its GGUF computes in llama.cpp, up to float
-    accumulation order: every encoder Linear given as QuantBlocks uses the dequantized blocks and
-    fake-quantizes its input with `act_spec` (llama.cpp quantizes the activations of Q8_0/Q4_0
-    linears on the fly; x86: LLAMA_CPP_X86_Q8_0); float Linears stay float; `gelu` selects the
-    FFN activation ("erf" as in BERT, "tanh", or "llama": ggml's fp16-table tanh GELU);
-    `token_embd` (QuantBlocks) replaces the word embeddings with their dequantized value."""
-    import copy
-
-    if gelu not in GELUS:
-        raise ValueError(f"gelu={gelu!r}: expected one of {GELUS}")
-    out = copy.deepcopy(model).eval()
-    bert = getattr(out, "bert", out)
-    for name, w in dict(linear_weights or {}).items():
-        name = _strip(name)
-        mod = bert.get_submodule(name)
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"linear_weights: {name} is not a Linear of the encoder")
-        if isinstance(w, QuantBlocks):
-            weight, spec = w.check(name).dequantize(), act_spec
-        else:
-            weight, spec = w.detach().to(torch.float32), None
-        bias = None if mod.bias is None else mod.bias.detach().clone()
-        parent, _, child = name.rpartition(".")
-        setattr(bert.get_submodule(parent) if parent else bert, child, EmulatedLinear(weight, bias, spec))
-    if token_embd is not None:
-        emb = bert.embeddings.word_embeddings
-        value = token_embd.dequantize() if isinstance(token_embd, QuantBlocks) else token_embd.detach()
-        with torch.no_grad():
-            emb.weight.copy_(value)
-    if gelu != "erf":
-        for layer in bert.encoder.layer:
-            layer.intermediate.intermediate_act_fn = _Gelu(gelu)
-    return out
+    Each encoder LinearQAT with `retrain_weight_config.gguf_type` is stored as its trained integer
+    codes and fp16 block scales (never re-quantized from float); a float (or switched-off) Linear
+    as `float_type` ("f32" or "f16"). The word-embedding table: an EmbeddingQAT with a gguf_type as
+    its trained blocks; a float table quantized from float the way llama-quantize does for
+    `token_embd_type` (default: the linears' type when they all share one, else F32). Position and
+    token-type embeddings, norms and biases are F32. Refused (ValueError naming the layer): QAT
+    layers on an INT8/INT4 grid (no GGUF form), a model in training mode, QAT layers outside the
+    encoder's Linears and word embeddings, non-BERT configs. `tokenizer`: the model's Hugging Face
+    WordPiece tokenizer (its vocabulary goes into the file).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(f"float_type={float_type!r}: expected one of {FLOAT_TYPES}")
+    if model.training:
+        raise RuntimeError("model: is in training mode; call model.eval() before export_gguf (the file holds the "
+                           "eval forward's codes and scales)")
+    bert = getattr(model, "bert", model)
+    word = getattr(getattr(bert, "embeddings", None), "word_embeddings", None)
+    linear_weights, token_embd, types = {}, None, set()
+    for mod_name, module in bert.named_modules():
+        if not isinstance(module, QATLayer):
+            continue
+        if module is word and isinstance(module, EmbeddingQAT):
+            token_embd = _qat_blocks(mod_name, module)
+            continue
+        if isinstance(module, EmbeddingQAT):
+            raise ValueError(f"{mod_name}: {module.describe()}: llama.cpp's BERT holds only the word-embedding "
+                             "table (token_embd) quantized; position and token-type embeddings must stay float")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{mod_name}: {module.describe()}: llama.cpp's BERT graph holds Linear, Embedding "
+                             "and LayerNorm parameters only")
+        blocks = _qat_blocks(mod_name, module)
+        if blocks is not None:
+            linear_weights[mod_name] = blocks
+            types.add(blocks.fmt)
+    if token_embd_type is None:
+        token_embd_type = types.pop() if len(types) == 1 else "f32"
+    return export_bert_gguf(model, tokenizer, path, linear_weights=linear_weights, linear_type=float_type,
+                            token_embd=token_embd, token_embd_type=token_embd_type, pooling=pooling, name=name)
