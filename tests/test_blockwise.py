@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from amct_pytorch import blockwise as bw
-from amct_pytorch.gguf_export import QuantBlocks, pack_blocks, unpack_blocks
+from amct_pytorch.export.gguf import QuantBlocks, pack_blocks, unpack_blocks
 
 needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
                                 reason="the 'gguf' package is not installed (pip install gguf==0.19.0)")

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from amct_pytorch import blockwise as bw
-from amct_pytorch.gguf_export import (QuantBlocks, export_bert_gguf, llama_emulation, llama_gelu, llama_run,
-                                      pack_blocks, unpack_blocks)
+from amct_pytorch.export.gguf import QuantBlocks, export_bert_gguf, pack_blocks, unpack_blocks
+from amct_pytorch.export.llama import llama_emulation, llama_gelu, llama_run
 
 transformers = pytest.importorskip("transformers")
 needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
