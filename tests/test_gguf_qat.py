@@ -323,3 +323,12 @@ def test_level4_exports_as_matmulnbits_level4_and_matches_pytorch(tmp_path, k, l
         bound = (k + 4) * U32 * mag + 1e-30
         got = torch.from_numpy(values[name]).double()
         assert bool(((got - want).abs() <= bound).all()), float(((got - want).abs() / bound).max())
+
+
+@pytest.mark.parametrize("spec", [bw.LLAMA_CPP_X86_Q8_0, bw.LLAMA_CPP_REFERENCE_Q8_0, bw.ort_matmulnbits_level4(16)])
+def test_fake_quant_is_the_dequantized_codes(spec):
+    torch.manual_seed(3)
+    x = torch.randn(3, 5, 71) * torch.logspace(-3, 2, 71)  # a partial last block, wide magnitudes
+    x[0, 0, :40] = 0.0  # an all-zero block
+    codes, d = bw.quantize_act_blocks(x, spec)
+    assert torch.equal(bw.fake_quant_act_blocks(x, spec), bw.dequantize_act_blocks(codes, d, spec.block))

@@ -132,9 +132,15 @@ def quantize_act_blocks(x: torch.Tensor, spec: BlockActSpec = LLAMA_CPP_X86_Q8_0
     dequantized value of code q in block b is q * d[..., b]."""
     spec = BlockActSpec(*spec).check()
     xb, k = _as_blocks(x, spec.block)
+    codes, d = _block_codes(xb, spec)
+    codes = codes.reshape(*x.shape[:-1], -1)[..., :k].to(torch.int8)
+    return codes, d.squeeze(-1)
+
+
+def _block_codes(xb: torch.Tensor, spec: BlockActSpec):
+    """(codes as float32 integers, stored d (..., nblocks, 1)) of blocked float32 x."""
     amax = xb.abs().amax(dim=-1, keepdim=True)
     d = amax / 127.0
-    nonzero = amax != 0
     if spec.reciprocal == "127/amax":
         inv = _safe_div(127.0, amax)
     else:
@@ -142,8 +148,15 @@ def quantize_act_blocks(x: torch.Tensor, spec: BlockActSpec = LLAMA_CPP_X86_Q8_0
     codes = _round(xb * inv, spec.rounding)
     if spec.scale_dtype == "float16":
         d = d.to(torch.float16).to(torch.float32)
-    codes = codes.reshape(*x.shape[:-1], -1)[..., :k].to(torch.int8)
-    return codes, d.squeeze(-1)
+    return codes, d
+
+
+def _fake_quant_blocks(x: torch.Tensor, spec: BlockActSpec) -> torch.Tensor:
+    """q * d_s per block without the int8 round trip (the same values: |q| <= 127 is exact in float32)."""
+    xb, k = _as_blocks(x, spec.block)
+    codes, d = _block_codes(xb, spec)
+    out = (codes * d).reshape(*x.shape[:-1], -1)
+    return (out[..., :k] if out.shape[-1] != k else out).to(x.dtype)
 
 
 def dequantize_act_blocks(codes: torch.Tensor, d: torch.Tensor, block: int) -> torch.Tensor:
@@ -156,8 +169,7 @@ def dequantize_act_blocks(codes: torch.Tensor, d: torch.Tensor, block: int) -> t
 class _ActBlocksSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec):
-        codes, d = quantize_act_blocks(x, spec)
-        return dequantize_act_blocks(codes, d, spec.block).to(x.dtype)
+        return _fake_quant_blocks(x, spec)
 
     @staticmethod
     def backward(ctx, grad):
@@ -172,8 +184,7 @@ def fake_quant_act_blocks(x: torch.Tensor, spec: BlockActSpec = LLAMA_CPP_X86_Q8
         raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
     if torch.is_grad_enabled() and x.requires_grad:
         return _ActBlocksSTE.apply(x, spec)
-    codes, d = quantize_act_blocks(x, spec)
-    return dequantize_act_blocks(codes, d, spec.block).to(x.dtype)
+    return _fake_quant_blocks(x, spec)
 
 
 # ----------------------------------------------------------------------------- weights
