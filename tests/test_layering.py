@@ -15,7 +15,8 @@ PACKAGE = "amct_pytorch"
 
 # lowest first; a module may import modules of its own layer or below
 LAYERS = [
-    ("leaves", ["config", "functional", "ifmr", "distributed", "runtime", "params", "ops", "blockwise"]),
+    ("leaves", ["config", "functional", "ifmr", "distributed", "runtime", "params", "ops", "saturation", "pair_grid",
+                "blockwise"]),
     ("autograd", ["qat_function"]),
     ("modules", ["nn"]),
     ("whole-model", ["convert", "batchnorm", "outliers", "quant_record", "training"]),

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import torch
 
+from .functional import arq_scale
+
 from .functional import int_range
 
 ORDERS = ("linear", "conv")
@@ -220,7 +222,6 @@ def fake_quant_int7(weight: torch.Tensor, scale: torch.Tensor, weight_grad: str 
 
 def arq_scale_int7(weight: torch.Tensor, channel_wise: bool = True) -> torch.Tensor:
     """ARQ's max-abs step for the 7-bit grid: max|w| / 63, or / 64 where the negative side wins."""
-    from .functional import arq_scale
     return arq_scale(weight, 7, channel_wise)
 
 
