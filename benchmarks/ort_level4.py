@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 from torch import nn
 
@@ -77,7 +78,10 @@ def main():
             paths[name] = Path(tmp) / f"{name}.onnx"
             export_onnx(m, calib[0], paths[name], check=False)
             models[name] = m
-        sessions = {n: ort_session(p, 1) for n, p in paths.items()}
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        sessions = {n: ort_session(p, opts) for n, p in paths.items()}
         for m_rows in rows:
             x = np.random.default_rng(m_rows).standard_normal((m_rows, K)).astype(np.float32)
             row = {}

@@ -332,3 +332,16 @@ def test_fake_quant_is_the_dequantized_codes(spec):
     x[0, 0, :40] = 0.0  # an all-zero block
     codes, d = bw.quantize_act_blocks(x, spec)
     assert torch.equal(bw.fake_quant_act_blocks(x, spec), bw.dequantize_act_blocks(codes, d, spec.block))
+
+
+def test_embedding_gguf_arq_rows_and_their_stored_scales():
+    torch.manual_seed(4)
+    emb = EmbeddingQAT(12, 64, config={"retrain_weight_config": {"gguf_type": "Q8_0"}})
+    ids = torch.tensor([[5, 1, 5]])
+    out = emb(ids)  # train mode, grad enabled: a state-updating forward
+    full_codes, full_d = bw.weight_codes_from_float(emb.weight, "q8_0")
+    assert torch.equal(out, bw.dequantize_weight_blocks(full_codes, full_d)[ids])
+    stored = emb.wts_scales.detach().reshape(12, -1)
+    assert torch.equal(stored[[1, 5]], full_d[[1, 5]].float()) and bool((stored[0] == 1).all())
+    out.sum().backward()
+    assert torch.equal(emb.weight.grad[5], torch.full((64,), 2.0))  # straight through, twice looked up

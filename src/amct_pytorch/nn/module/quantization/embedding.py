@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ....blockwise import fake_quant_weight_from_float, fake_quant_weight_learned
+from ....blockwise import fake_quant_weight_from_float, fake_quant_weight_learned, weight_codes_from_float
 from ....config import DataQuantConfig, QATConfig, parse_config
 from ....functional import WeightLayout, quantize_weight, rows_layout
 from ....params import low_precision_params_error
@@ -118,6 +118,10 @@ class EmbeddingQAT(QATLayer, nn.Embedding):
         if torch_exporting():
             return self.export_forward(ids)
         wcfg = self.config.retrain_weight_config
+        if wcfg.gguf_type is not None and not wcfg.learnable_scale:
+            # llama-quantize's blocks of the rows looked up (a block never spans rows): no pass over the table
+            rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq)
+            return self._gguf_rows_from_float(ids, rows)
         scale = self._weight_scale(self.updates_state())
         rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq)
         if wcfg.gguf_type is not None:
@@ -126,6 +130,16 @@ class EmbeddingQAT(QATLayer, nn.Embedding):
             scale = F.embedding(ids, scale.unsqueeze(-1))  # each looked-up row's own scale
         per_scale = self.embedding_dim if wcfg.channel_wise else self.weight.numel()
         return FakeQuantRows.apply(rows, scale, wcfg.num_bits, wcfg.learnable_scale, per_scale)
+
+    def _gguf_rows_from_float(self, ids, rows):
+        """ARQ-like GGUF rows; a state-updating forward stores those rows' d in `wts_scales`."""
+        fmt = self.config.retrain_weight_config.block_format
+        flat = rows.reshape(-1, self.embedding_dim)
+        if self.updates_state():
+            with torch.no_grad():
+                d = weight_codes_from_float(flat.detach(), fmt)[1].to(torch.float32)
+                self.wts_scales.view(self.num_embeddings, -1).index_copy_(0, ids.reshape(-1), d)
+        return fake_quant_weight_from_float(flat, fmt).reshape(rows.shape)
 
     def _gguf_rows(self, ids, rows, scale):
         """The looked-up rows in the GGUF block format (blocks along each row, so quantize-then-gather
