@@ -345,3 +345,29 @@ def test_embedding_gguf_arq_rows_and_their_stored_scales():
     assert torch.equal(stored[[1, 5]], full_d[[1, 5]].float()) and bool((stored[0] == 1).all())
     out.sum().backward()
     assert torch.equal(emb.weight.grad[5], torch.full((64,), 2.0))  # straight through, twice looked up
+
+
+def test_demo_gguf_settings_and_table():
+    from amct_pytorch.demo.minilm.report import gguf_table
+    from amct_pytorch.demo.minilm.settings import DEFAULT_SETTINGS, is_gguf, parse_settings
+
+    picked = parse_settings("q8_0,q4_0")
+    assert [s.name for s in picked] == ["q8_0", "q4_0"] and all(is_gguf(s) for s in picked)
+    assert not any(is_gguf(s) for s in parse_settings(DEFAULT_SETTINGS))  # the default run is unchanged
+    for s in picked:
+        cfg = parse_config(s.config)
+        assert cfg.retrain_data_config.dynamic_act == "llama.cpp-x86"
+        assert cfg.retrain_weight_config.gguf_type == s.name.upper()
+    files = {
+        "float_f32": {"size_mb": 90.9, "token_embd_share": 0.516, "llama": {"mean_cos": 1.0, "min_cos": 0.99999,
+                                                                             "sentences": 3},
+                      "latency_ms": 10.0, "x_f32": 1.0, "x_f16": 1.2},
+        "qat_q4_0": {"size_mb": 14.1, "token_embd_share": 0.467,
+                     "llama": {"mean_cos": 0.991, "min_cos": 0.98, "vs_torch_mean_cos": 0.99995,
+                               "vs_torch_min_cos": 0.9998, "sentences": 3},
+                     "latency_ms": 6.5, "x_f32": 0.65, "x_f16": 0.78}}
+    text = gguf_table({"deployment": {"gguf": {"files": files, "llama_cpp_python": "0.3.36",
+                                               "latency": {"threads": 1, "sentences": 3, "reps": 2}}}})
+    lines = text.splitlines()
+    assert lines[2].split()[0] == "float_f32" and lines[2].split()[5] == "-"
+    assert lines[3].split()[:8] == ["qat_q4_0", "14.1", "46.7%", "0.9910", "0.9800", "0.999950", "0.999800", "6.50"]
