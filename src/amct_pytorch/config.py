@@ -16,6 +16,13 @@ from typing import Any
 DST_TYPES = {"INT8": 8, "INT4": 4}
 WEIGHT_ALGOS = {"arq_retrain": "arq_retrain", "ulq_quantize": "ulq_quantize", "ulq_retrain": "ulq_quantize"}
 IFMR_SEARCHES = ("exact", "histogram")
+# Extension (issues 19, 20): activations quantized on the fly per block of K, as a runtime's kernel does
+# (blockwise.dynamic_act_spec maps each name to its numerics)
+DYNAMIC_ACTS = ("llama.cpp-x86", "llama.cpp-neon", "llama.cpp-reference", "ort-matmulnbits-level4")
+LLAMA_CPP_ACTS = DYNAMIC_ACTS[:3]
+# Extension (issue 20): llama.cpp's block-32 weight formats -> the integer type their codes fit
+GGUF_TYPES = {"Q8_0": "INT8", "Q4_0": "INT4"}
+GGUF_BLOCK = 32
 CLIP_LIMIT = 1e38  # |clip| bound: keeps clip_max - clip_min finite in float32
 GRID_EPS = 1.1920929e-07  # a grid step below this is degenerate (functional.act_qparams)
 
@@ -33,6 +40,9 @@ class DataQuantConfig:
     # streams a fixed-size histogram (memory independent of batch_num, result within
     # one candidate step of the exact search).
     ifmr_search: str = "exact"
+    # Extension: None (IFMR + ULQ, the spec) or one of DYNAMIC_ACTS: symmetric int8 per block of the
+    # input's last dim, scale from the block's own max|x| at every call (nothing to calibrate or learn)
+    dynamic_act: str | None = None
 
     @property
     def num_bits(self) -> int:
@@ -40,6 +50,8 @@ class DataQuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
+        if self.dynamic_act is not None:
+            return False
         has_min = self.clip_min is not None or self.fixed_min
         return self.clip_max is None or not has_min
 
@@ -55,10 +67,18 @@ class WeightQuantConfig:
     # Extension: a learnable (ULQ) scale's first value: "arq" (the spec: max|w| / qmax) or "mse"
     # (the clipped step r * ARQ, r in [0.5, 1], minimising the weight's squared rounding error)
     scale_init: str = "arq"
+    # Extension: None, or "Q8_0" / "Q4_0": llama.cpp's block formats (blocks of 32 along K, one fp16 scale
+    # each, the format's code range; implies channel_wise=True, group_size=32 and the dst_type)
+    gguf_type: str | None = None
 
     @property
     def num_bits(self) -> int:
         return DST_TYPES[self.dst_type]
+
+    @property
+    def block_format(self) -> str | None:
+        """blockwise's name of the GGUF format ("q8_0" / "q4_0"), or None."""
+        return None if self.gguf_type is None else self.gguf_type.lower()
 
     @property
     def learnable_scale(self) -> bool:
@@ -77,15 +97,15 @@ class QATConfig:
         return {
             "retrain_enable": self.retrain_enable,
             "retrain_data_config": data,
-            # the defaults of extensions (group_size None, scale_init "arq") are left out: AMCT's keys only
+            # the defaults of extensions (group_size None, scale_init "arq", gguf_type None) are left out
             "retrain_weight_config": {k: v for k, v in vars(self.retrain_weight_config).items()
                                       if v is not None and not (k == "scale_init" and v == "arq")},
         }
 
 
 _TOP_KEYS = ("retrain_enable", "retrain_data_config", "retrain_weight_config")
-_DATA_KEYS = ("dst_type", "batch_num", "fixed_min", "clip_min", "clip_max", "ifmr_search")
-_WEIGHT_KEYS = ("dst_type", "weights_retrain_algo", "channel_wise", "group_size", "scale_init")
+_DATA_KEYS = ("dst_type", "batch_num", "fixed_min", "clip_min", "clip_max", "ifmr_search", "dynamic_act")
+_WEIGHT_KEYS = ("dst_type", "weights_retrain_algo", "channel_wise", "group_size", "scale_init", "gguf_type")
 SCALE_INITS = ("arq", "mse")
 
 
@@ -161,7 +181,18 @@ def _parse_data(raw: Any) -> DataQuantConfig:
         clip_min=_clip(sec.get("clip_min"), f"{path}.clip_min", -1),
         clip_max=_clip(sec.get("clip_max"), f"{path}.clip_max", +1),
         ifmr_search=_choice(sec.get("ifmr_search", "exact"), IFMR_SEARCHES, f"{path}.ifmr_search"),
+        dynamic_act=None if sec.get("dynamic_act") is None else _choice(sec["dynamic_act"], DYNAMIC_ACTS,
+                                                                         f"{path}.dynamic_act"),
     )
+    if cfg.dynamic_act is not None:
+        given = [k for k in ("clip_min", "clip_max") if sec.get(k) is not None]
+        given += ["fixed_min"] if cfg.fixed_min else []
+        given += [] if cfg.dst_type == "INT8" else [f"dst_type={cfg.dst_type!r}"]
+        if given:
+            raise ValueError(
+                f"{path}.dynamic_act={cfg.dynamic_act!r}: the activation is quantized to symmetric INT8 per block "
+                f"with a scale from each block's own max|x|, so {', '.join(given)} cannot apply; leave them out"
+            )
     if cfg.fixed_min and cfg.clip_min is not None:
         raise ValueError(
             f"{path}: fixed_min=True pins clip_min at 0, so clip_min={cfg.clip_min!r} contradicts it; "
@@ -183,13 +214,30 @@ def _parse_weight(raw: Any) -> WeightQuantConfig:
     sec = _section(raw, path)
     _check_keys(sec, _WEIGHT_KEYS, path)
     algo = _choice(sec.get("weights_retrain_algo", "arq_retrain"), WEIGHT_ALGOS, f"{path}.weights_retrain_algo")
+    gguf_type = sec.get("gguf_type")
+    if gguf_type is not None:
+        gguf_type = _choice(gguf_type, GGUF_TYPES, f"{path}.gguf_type")
     cfg = WeightQuantConfig(
-        dst_type=_choice(sec.get("dst_type", "INT8"), DST_TYPES, f"{path}.dst_type"),
+        dst_type=_choice(sec.get("dst_type", GGUF_TYPES.get(gguf_type, "INT8")), DST_TYPES, f"{path}.dst_type"),
         weights_retrain_algo=WEIGHT_ALGOS[algo],
-        channel_wise=_bool(sec.get("channel_wise", False), f"{path}.channel_wise"),
-        group_size=_group_size(sec.get("group_size"), f"{path}.group_size"),
+        channel_wise=_bool(sec.get("channel_wise", gguf_type is not None), f"{path}.channel_wise"),
+        group_size=_group_size(sec.get("group_size", GGUF_BLOCK if gguf_type else None), f"{path}.group_size"),
         scale_init=_choice(sec.get("scale_init", "arq"), SCALE_INITS, f"{path}.scale_init"),
+        gguf_type=gguf_type,
     )
+    if gguf_type is not None:
+        clash = []
+        if cfg.dst_type != GGUF_TYPES[gguf_type]:
+            clash.append(f"dst_type={cfg.dst_type!r} (its codes are {GGUF_TYPES[gguf_type]})")
+        if not cfg.channel_wise:
+            clash.append("channel_wise=False (its scales are per block of each row)")
+        if cfg.group_size != GGUF_BLOCK:
+            clash.append(f"group_size={cfg.group_size!r} (its blocks hold {GGUF_BLOCK} weights)")
+        if cfg.scale_init != "arq":
+            clash.append(f"scale_init={cfg.scale_init!r} (a learnable scale starts at llama-quantize's d)")
+        if clash:
+            raise ValueError(f"{path}.gguf_type={gguf_type!r} fixes the weight grid, which contradicts "
+                             f"{'; '.join(clash)}; leave those keys out")
     if cfg.scale_init != "arq" and not cfg.learnable_scale:
         raise ValueError(
             f"{path}.scale_init={cfg.scale_init!r}: only a learnable (ULQ) weight scale has an initial value; "
@@ -238,8 +286,28 @@ def parse_config(config: Any = None) -> QATConfig:
             f"config: expected None, a dict, a QATConfig or a path to a JSON file, got {_describe(config)}"
         )
     _check_keys(config, _TOP_KEYS, "")
-    return QATConfig(
+    cfg = QATConfig(
         retrain_enable=_bool(config.get("retrain_enable", True), "retrain_enable"),
         retrain_data_config=_parse_data(config.get("retrain_data_config")),
         retrain_weight_config=_parse_weight(config.get("retrain_weight_config")),
     )
+    _check_dynamic_act(cfg.retrain_data_config, cfg.retrain_weight_config)
+    return cfg
+
+
+def _check_dynamic_act(data: DataQuantConfig, wcfg: WeightQuantConfig) -> None:
+    """The runtime a dynamic activation preset names also fixes the weight grid it pairs with."""
+    act = data.dynamic_act
+    if act == "ort-matmulnbits-level4" and (wcfg.dst_type != "INT4" or wcfg.group_size is None
+                                             or wcfg.gguf_type is not None):
+        raise ValueError(
+            "retrain_data_config.dynamic_act='ort-matmulnbits-level4' is ONNX Runtime's MatMulNBits kernel with "
+            "accuracy_level=4, which holds group-wise INT4 weights (its activation block = group_size): it needs "
+            "retrain_weight_config {'dst_type': 'INT4', 'channel_wise': True, 'group_size': 32 (or 16, 64, ...)}, "
+            f"got dst_type={wcfg.dst_type!r}, group_size={wcfg.group_size!r}, gguf_type={wcfg.gguf_type!r}"
+        )
+    if act in LLAMA_CPP_ACTS and wcfg.gguf_type is None:
+        raise ValueError(
+            f"retrain_data_config.dynamic_act={act!r}: llama.cpp quantizes activations this way only in front of "
+            "Q8_0/Q4_0 weights; set retrain_weight_config.gguf_type to 'Q8_0' or 'Q4_0'"
+        )

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .blockwise import (BlockActSpec, dequantize_weight_blocks, fake_quant_act_blocks, fake_quant_weight_learned,
+                        learned_scale_grad, weight_codes_from_float)
 from .functional import (WeightLayout, act_qparams, fake_quant_act, fake_quant_act_plain, fake_quant_weight,
                          fake_quant_weight_plain, int_range, lsq_scale_grad, lsq_step_grad, scale_view,
                          ulq_act_grads, ulq_act_grads_plain)
@@ -36,7 +38,29 @@ def _fq_act(x, scale, offset, bits, compiled):
     return fake_quant_act(x, scale, offset, bits)
 
 
-def _fq_weight(weight, scale, bits, compiled, layout=None):
+def block_weight_fake_quant(weight, scale, fmt: str, learnable: bool):
+    """ŵ of a llama.cpp block-format weight (retrain_weight_config.gguf_type), no autograd history:
+    llama-quantize's codes and d of the current weight (ARQ-like), or the codes of the learned scale
+    `scale` (one per block of 32 along K, flat or (N, K/32)) with its fp16 value."""
+    with torch.no_grad():
+        w = weight.detach().reshape(weight.shape[0], -1)
+        if learnable:
+            wq = fake_quant_weight_learned(w, scale.detach().reshape(w.shape[0], -1), fmt)
+        else:
+            wq = dequantize_weight_blocks(*weight_codes_from_float(w, fmt))
+        return wq.reshape(weight.shape).to(weight.dtype)
+
+
+def weight_fake_quant(weight, scale, bits, layout=None, fmt=None, learnable=False):
+    """ŵ of any weight grid: the INT grids (functional.fake_quant_weight) or a GGUF block format."""
+    if fmt is not None:
+        return block_weight_fake_quant(weight, scale, fmt, learnable)
+    return fake_quant_weight(weight, scale, bits, layout)
+
+
+def _fq_weight(weight, scale, bits, compiled, layout=None, fmt=None, learnable=False):
+    if fmt is not None:
+        return block_weight_fake_quant(weight, scale, fmt, learnable)
     if compiled and not torch.compiler.is_compiling():
         qmin, qmax = int_range(bits)
         if scale.numel() > 1:
@@ -63,6 +87,8 @@ class QuantSpec(NamedTuple):
     weight_bits: int
     learnable_weight_scale: bool
     compiled: bool = False  # use the torch.compile kernels (set by qat_apply at call time)
+    weight_format: str | None = None  # "q8_0" / "q4_0": llama.cpp's block formats (retrain_weight_config.gguf_type)
+    act_blocks: BlockActSpec | None = None  # dynamic per-block activation (retrain_data_config.dynamic_act)
 
 
 # ---- the float op of each module type: forward and the two halves of its backward -----
@@ -123,8 +149,12 @@ class QATFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, clip_max, clip_min, w_scale, spec: QuantSpec, op, wq=None, act_grid=None):
         if wq is None:
-            wq = _fq_weight(weight, w_scale, spec.weight_bits, spec.compiled, op.layout)
-        if spec.act_bits is None:
+            wq = _fq_weight(weight, w_scale, spec.weight_bits, spec.compiled, op.layout, spec.weight_format,
+                            spec.learnable_weight_scale)
+        if spec.act_blocks is not None:  # dynamic: its scale comes from x itself, straight-through gradient
+            a_scale = a_offset = None
+            xq = fake_quant_act_blocks(x, spec.act_blocks)
+        elif spec.act_bits is None:
             a_scale = a_offset = None
             xq = x
         else:
@@ -152,10 +182,17 @@ class QATFunction(torch.autograd.Function):
 
         grad_x = grad_w = grad_b = grad_max = grad_min = grad_s = None
         if need_w or need_s:
-            xq = _fq_act(x, a_scale, a_offset, spec.act_bits, spec.compiled) if quant_act else x
+            if quant_act:
+                xq = _fq_act(x, a_scale, a_offset, spec.act_bits, spec.compiled)
+            else:
+                xq = x if spec.act_blocks is None else fake_quant_act_blocks(x, spec.act_blocks)
             grad_w, grad_b = op.grad_weight_bias(grad_y, xq, weight, True, need_b)
             del xq
-            if spec.learnable_weight_scale and need_s:
+            if spec.learnable_weight_scale and need_s and spec.weight_format is not None:
+                w2 = weight.reshape(weight.shape[0], -1)
+                grad_s = learned_scale_grad(w2, grad_w.reshape(w2.shape), w_scale.reshape(w2.shape[0], -1),
+                                            spec.weight_format).reshape(w_scale.shape)
+            elif spec.learnable_weight_scale and need_s:
                 grad_s = lsq_scale_grad(weight, grad_w, w_scale, spec.weight_bits, op.layout)
         elif need_b:
             _, grad_b = op.grad_weight_bias(grad_y, x, weight, False, True)

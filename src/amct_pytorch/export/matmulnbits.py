@@ -8,6 +8,9 @@ import numpy as np
 from .onnx_graph import FoldedWeight, attr, blocked_codes
 
 MATMULNBITS_ACCURACY_LEVEL = 1  # float32 compute: exact dequantization, then a float matmul (see fold_matmulnbits)
+# int8 compute: the kernel quantizes x per block itself; for layers trained with
+# retrain_data_config.dynamic_act='ort-matmulnbits-level4', which export no activation Q/DQ
+MATMULNBITS_DYNAMIC_ACCURACY_LEVEL = 4
 MS_DOMAIN = "com.microsoft"
 
 
@@ -56,7 +59,10 @@ def fold_matmulnbits(g, proto, q, dq, src, drop, before, dead_values) -> FoldedW
     so symmetric codes c in [-8, 7] are stored as c + 8) and multiplies with x. accuracy_level 1
     (float32) makes ORT's CPU kernel compute exactly that in float32; accuracy_level 4 would
     quantize x again per block to int8 inside the kernel, which our activation Q/DQ already did on
-    another grid, so its outputs would differ from the QAT model.
+    another grid, so its outputs would differ from the QAT model. A linear whose input is not the
+    output of a DequantizeLinear (its layer has no activation quantizer in the graph: dynamic_act=
+    'ort-matmulnbits-level4', which trained against level 4's own per-block int8 quantization of x)
+    gets accuracy_level 4.
     """
     from onnx import helper, numpy_helper  # optional dependency
 
@@ -72,6 +78,9 @@ def fold_matmulnbits(g, proto, q, dq, src, drop, before, dead_values) -> FoldedW
     if use is None:
         return None
     node, x, bias, transpose = use
+    x_source = next((n for n in proto.graph.node if x in n.output), None)
+    dynamic = x_source is None or x_source.op_type != "DequantizeLinear"
+    level = MATMULNBITS_DYNAMIC_ACCURACY_LEVEL if dynamic else MATMULNBITS_ACCURACY_LEVEL
     name = g.fresh(f"{q.input[0]}_matmulnbits")
     init = numpy_helper.from_array(pack_matmulnbits(codes, block), name)
     proto.graph.initializer.append(init)
@@ -84,7 +93,7 @@ def fold_matmulnbits(g, proto, q, dq, src, drop, before, dead_values) -> FoldedW
     del node.attribute[:]
     node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n),
                            helper.make_attribute("bits", 4), helper.make_attribute("block_size", block),
-                           helper.make_attribute("accuracy_level", MATMULNBITS_ACCURACY_LEVEL)])
+                           helper.make_attribute("accuracy_level", level)])
     node.output[0] = out
     if bias:
         before.setdefault(("after", id(node)), []).append(

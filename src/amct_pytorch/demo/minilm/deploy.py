@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ...export import export_onnx, int8_saturation_report
+from ...export import export_bert_gguf, export_gguf, export_onnx, int8_saturation_report, llama_embed, llama_run
+from ...export.gguf import QUANT_TYPES
 from ..common.ort import ort_session, quiet_third_party
 from .model import SentenceEncoder, in_text_order, tokenize
 from .settings import Options
@@ -149,3 +150,61 @@ def peer_static(float_path, out, calib_batches) -> Path:
     return Path(out)
 
 
+
+
+# ---- GGUF for llama.cpp (--settings q8_0,q4_0) --------------------------------------------------
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    c = torch.nn.functional.cosine_similarity(a.double(), b.double())
+    return {"mean_cos": float(c.mean()), "min_cos": float(c.min())}
+
+
+def gguf_accuracy(path, texts, evaluator, torch_embeddings=None) -> dict[str, Any]:
+    """The GGUF run by llama.cpp (llama-cpp-python in a child process, 1 thread) on every held-out
+    sentence: cosine to the float PyTorch model and (when given) to the PyTorch QAT model."""
+    start = time.perf_counter()
+    got = torch.from_numpy(llama_embed(path, list(texts), threads=1))
+    out = {**_cosines(got, evaluator.reference), "sentences": len(texts)}
+    if torch_embeddings is not None:
+        agree = _cosines(got, torch_embeddings)
+        out["vs_torch_mean_cos"], out["vs_torch_min_cos"] = agree["mean_cos"], agree["min_cos"]
+    out["eval_time_s"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def gguf_file(result, kind: str, label: str) -> dict[str, Any]:
+    """The size facts of an export_gguf / export_bert_gguf result."""
+    emb = result.tensor_bytes["token_embd.weight"]
+    return {"kind": kind, "label": label, "path": str(result.path), "size_mb": round(result.file_bytes / 1e6, 2),
+            "token_embd_type": result.tensor_types["token_embd.weight"],
+            "token_embd_share": round(emb / result.file_bytes, 4)}
+
+
+def export_gguf_student(student, tokenizer, path) -> dict[str, Any]:
+    """A GGUF QAT student as its trained codes and scales (export_gguf)."""
+    start = time.perf_counter()
+    res = export_gguf(student.eval(), path, tokenizer=tokenizer)
+    return {**gguf_file(res, "qat", "QAT"), "export_time_s": round(time.perf_counter() - start, 2)}
+
+
+def gguf_float_and_peer(model, tokenizer, out: Path, kind: str) -> dict[str, Any]:
+    """The float model as a GGUF of `kind`: F32 / F16, or llama-quantize's Q8_0 / Q4_0 of every encoder
+    linear and token_embd (the PTQ peer: the QAT file's tensor set, size and types)."""
+    path = out / f"float_{kind}.gguf"
+    res = export_bert_gguf(model, tokenizer, path, linear_type=kind, token_embd_type=kind)
+    label = f"float model as {kind.upper()}" + (" (llama-quantize's blocks: PTQ peer)" if kind in QUANT_TYPES else "")
+    return gguf_file(res, "peer" if kind in QUANT_TYPES else "float", label)
+
+
+def gguf_latency(paths: dict[str, str], texts, opts: Options) -> dict[str, Any]:
+    """llama.cpp latency per sentence (n_threads = n_threads_batch = 1): each of the first
+    `opts.gguf_latency_sentences` held-out sentences embedded alone, its best of `opts.gguf_latency_reps`
+    passes (the other processes of a shared machine inflate a best-of less than a mean), then the median."""
+    start = time.perf_counter()
+    texts = list(texts[:opts.gguf_latency_sentences])
+    out = {}
+    for name, path in paths.items():
+        run = llama_run(path, texts * opts.gguf_latency_reps, threads=1)
+        best = [min(run.seconds[k + r * len(texts)] for r in range(opts.gguf_latency_reps)) for k in range(len(texts))]
+        out[name] = round(1e3 * statistics.median(best), 3)
+    return {"threads": 1, "reps": opts.gguf_latency_reps, "sentences": len(texts), "median_ms": out,
+            "time_s": round(time.perf_counter() - start, 2)}

@@ -13,12 +13,13 @@ from ..common.ort import quiet_third_party
 from ..common.report import begin_run, finish_report
 from ..common.settings import settings_from_file, step_plan, with_run_options
 from ..common.training import Timer
-from .deploy import export_encoder, latency, ort_accuracy, peer_dynamic, peer_static
+from .deploy import (export_encoder, export_gguf_student, gguf_accuracy, gguf_float_and_peer, gguf_latency, latency,
+                     ort_accuracy, peer_dynamic, peer_static)
 from ...export import int8_saturation_report
 from .model import tokenize
 from .report import table, write_plot
 from .run import prepare, run_setting, split_model, uses_split
-from .settings import DEFAULT_SETTINGS, Options, parse_settings
+from .settings import DEFAULT_SETTINGS, Options, is_gguf, parse_settings
 
 QUICK = dict(steps=6, batch_size=8, eval_points=1, max_eval=48, max_train=96, calib_size=16,
              latency_sentences=32, latency_reps=1)
@@ -64,7 +65,7 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
         artifacts["float"] = {"kind": "float", "label": "float model (as shipped)",
                               **export_encoder(model, tokenizer, example, out / FLOAT_ONNX),
                               "ort": ort_accuracy(out / FLOAT_ONNX, evaluator)}
-    results = []
+    results, gguf_files = [], {}
     for setting in opts.settings:
         log(f"[{setting.name}] {setting.label}")
         split_here = uses_split(setting.config, opts)
@@ -72,6 +73,20 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
                              opts)
         result["split_outliers"] = split_here
         student, torch_emb = result.pop("_student"), result.pop("_embeddings")
+        if result["gguf"]:  # a llama.cpp file, no ONNX form
+            start_export = time.perf_counter()
+            path = out / f"{setting.name}_qat.gguf"
+            entry = export_gguf_student(student, tokenizer, path)
+            entry["llama"] = gguf_accuracy(path, eval_texts, evaluator, torch_emb)
+            gguf_files[setting.name] = result["gguf_file"] = entry
+            log(f"[{setting.name}] PTQ (PyTorch) mean cos {result['ptq']['mean_cos']:.4f} -> QAT "
+                f"{result['qat']['mean_cos']:.4f} -> llama.cpp {entry['llama']['mean_cos']:.4f} (agreement with "
+                f"PyTorch mean {entry['llama']['vs_torch_mean_cos']:.6f} / min {entry['llama']['vs_torch_min_cos']:.6f}, "
+                f"{entry['size_mb']:.1f} MB)")
+            result["times_s"]["gguf_export_eval"] = round(time.perf_counter() - start_export, 2)
+            del student
+            results.append(result)
+            continue
         onnx_path = out / f"{setting.name}_qat.onnx"
         onnx_path.unlink(missing_ok=True)
         start_export = time.perf_counter()
@@ -106,6 +121,9 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
                                "ort": ort_accuracy(path, evaluator)}
             log(f"[{name}] {PEERS[name]}: ONNX Runtime mean cos {artifacts[name]['ort']['mean_cos']:.4f} "
                 f"({artifacts[name]['size_mb']:.1f} MB)")
+    gguf = None
+    if gguf_files:
+        gguf = gguf_report(model, tokenizer, out, eval_texts, evaluator, gguf_files, opts, log)
     log(f"timing {len(artifacts)} ONNX artifacts in ONNX Runtime ({opts.latency_threads} thread, batches of "
         f"{' and '.join(map(str, opts.latency_batches))}, {opts.latency_reps} repetitions)")
     with timer("latency"), quiet_third_party():
@@ -117,7 +135,7 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
     import onnxruntime
 
     deployment = {"onnxruntime": onnxruntime.__version__, "session_options": "default (CPU provider)",
-                  "latency": timing, "artifacts": artifacts, "not_exported": errors,
+                  "latency": timing, "artifacts": artifacts, "not_exported": errors, "gguf": gguf,
                   "example_shape": [len(example), int(tokenize(tokenizer, example)["input_ids"].shape[1])]}
 
     report = {
@@ -140,4 +158,28 @@ def run_demo(out="amct_qat_out", steps=None, batch_size=None, config=None, quick
         "settings": results,
         "deployment": deployment,
     }
-    return finish_report(report, start, out, log, table, write_plot, f"{len(artifacts)} ONNX files")
+    files = f"{len(artifacts)} ONNX files" + (f", {len(gguf['files'])} GGUF files" if gguf else "")
+    return finish_report(report, start, out, log, table, write_plot, files)
+
+
+def gguf_report(model, tokenizer, out, eval_texts, evaluator, qat_files: dict, opts, log) -> dict:
+    """The GGUF rows: the float model as F32 / F16 (latency references) and llama-quantize's Q8_0 / Q4_0
+    of it (the PTQ peers), each run in llama.cpp on every held-out sentence, then 1-thread latency."""
+    import llama_cpp
+
+    files = {}
+    for kind in ("f32", "f16", *sorted({f.split("_qat")[0] for f in qat_files})):
+        entry = gguf_float_and_peer(model, tokenizer, out, kind)
+        entry["llama"] = gguf_accuracy(entry["path"], eval_texts, evaluator)
+        files[f"float_{kind}" if kind in ("f32", "f16") else f"ptq_{kind}"] = entry
+        log(f"[gguf {kind}] {entry['label']}: llama.cpp mean cos {entry['llama']['mean_cos']:.4f} "
+            f"({entry['size_mb']:.1f} MB)")
+    for name, entry in qat_files.items():
+        files[f"qat_{name}"] = entry
+    log(f"timing {len(files)} GGUF files in llama.cpp (1 thread, one sentence at a time)")
+    timing = gguf_latency({k: f["path"] for k, f in files.items()}, eval_texts, opts)
+    for name, f in files.items():
+        f["latency_ms"] = timing["median_ms"][name]
+        for ref in ("float_f32", "float_f16"):
+            f[f"x_{ref[6:]}"] = round(timing["median_ms"][name] / timing["median_ms"][ref], 3)
+    return {"llama_cpp_python": llama_cpp.__version__, "files": files, "latency": timing}

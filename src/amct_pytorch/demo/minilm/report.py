@@ -28,6 +28,29 @@ def table(report: dict) -> str:
                      f"{split['float_min_cos_after_split']:.6f}")
     if "deployment" in report:
         lines += ["", deployment_table(report)]
+        if report["deployment"].get("gguf"):
+            lines += ["", gguf_table(report)]
+    return "\n".join(lines)
+
+
+def gguf_table(report: dict) -> str:
+    """One row per GGUF file run in llama.cpp: size (and token_embd's share), cosine to the float
+    PyTorch model, agreement with the PyTorch QAT model, 1-thread latency against F32 / F16."""
+    g = report["deployment"]["gguf"]
+    head = (f"{'GGUF file':<12} {'MB':>6} {'embd %':>7} {'llama mean cos':>15} {'min cos':>8} "
+            f"{'vs PyTorch mean':>16} {'min':>9} {'ms':>7} {'x F32':>6} {'x F16':>6}")
+    lines = [head, "-" * len(head)]
+    for name, f in g["files"].items():
+        m = f["llama"]
+        agree = (f"{m['vs_torch_mean_cos']:>16.6f} {m['vs_torch_min_cos']:>9.6f}" if "vs_torch_mean_cos" in m
+                 else f"{'-':>16} {'-':>9}")
+        lines.append(f"{name:<12} {f['size_mb']:>6.1f} {100 * f['token_embd_share']:>6.1f}% {m['mean_cos']:>15.4f} "
+                     f"{m['min_cos']:>8.4f} {agree} {f['latency_ms']:>7.2f} {f['x_f32']:>6.2f} {f['x_f16']:>6.2f}")
+    t = g["latency"]
+    lines.append(f"llama-cpp-python {g['llama_cpp_python']}, embedding mode, MEAN pooling; accuracy on all "
+                 f"{m['sentences']} held-out sentences; latency: {t['threads']} thread (n_threads_batch too), one "
+                 f"sentence per call, median over the first {t['sentences']} sentences of each one's best of "
+                 f"{t['reps']} passes")
     return "\n".join(lines)
 
 

@@ -15,12 +15,31 @@ import torch.nn as nn
 
 from ...config import parse_config
 from ...convert import QAT_CLASSES, calibrate, to_qat
+from ...export import LlamaGELU
 from ...outliers import split_outlier_channels
 from ..common.settings import Setting
 from ..common.training import Timer, clip_ranges, train_loop
 from . import data as demo_data
 from .model import SKIP, batches, embed, encode, ffn_pairs, load_model, tokenize
-from .settings import EMBEDDING_OVERRIDES, Options
+from .settings import EMBEDDING_OVERRIDES, Options, is_gguf
+
+# GGUF settings: the word embeddings (llama.cpp's token_embd) in the setting's block format too, the
+# position and token-type tables float (llama.cpp keeps them F32)
+GGUF_EMBEDDING_SKIP = ["embeddings.position_embeddings", "embeddings.token_type_embeddings"]
+
+
+def gguf_overrides(config) -> dict:
+    weights = {k: v for k, v in config.to_dict()["retrain_weight_config"].items()
+               if k in ("gguf_type", "weights_retrain_algo")}
+    return {"embeddings.word_embeddings": {"retrain_weight_config": weights}}
+
+
+def use_llama_gelu(model) -> int:
+    """The FFN activation as llama.cpp computes it (ggml's fp16-table tanh GELU); returns how many."""
+    layers = model.encoder.layer
+    for layer in layers:
+        layer.intermediate.intermediate_act_fn = LlamaGELU()
+    return len(layers)
 
 
 class Evaluator:
@@ -91,6 +110,10 @@ def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evalua
     config = parse_config(setting.config)
     overrides = EMBEDDING_OVERRIDES if opts.quantize_embeddings else None
     layer_types = [*QAT_CLASSES, nn.Embedding] if opts.quantize_embeddings else None
+    skip = SKIP
+    gguf = is_gguf(setting)
+    if gguf:
+        overrides, layer_types, skip = gguf_overrides(config), [*QAT_CLASSES, nn.Embedding], SKIP + GGUF_EMBEDDING_SKIP
     rng = random.Random(opts.seed)
     size = min(opts.calib_size, len(train_texts))
     calib_batches = [tokenize(tokenizer, rng.sample(train_texts, size))
@@ -98,8 +121,11 @@ def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evalua
 
     with timer("calibrate"):
         ptq = copy.deepcopy(model)
-        summary = to_qat(ptq, config, skip=SKIP, overrides=overrides, layer_types=layer_types)
-        calibrate(ptq, calib_batches, progress=opts.progress)
+        if gguf:
+            use_llama_gelu(ptq)
+        summary = to_qat(ptq, config, skip=skip, overrides=overrides, layer_types=layer_types)
+        if not gguf:  # a dynamic activation has nothing to calibrate
+            calibrate(ptq, calib_batches, progress=opts.progress)
     with timer("ptq_eval"):
         ptq_metrics = evaluator(ptq)
     before = clip_ranges(ptq)
@@ -112,7 +138,7 @@ def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evalua
     return {
         "name": setting.name, "label": setting.label, "config": config.to_dict(),
         "converted": len(summary.converted), "left_float": summary.skipped,
-        "embeddings_quantized": opts.quantize_embeddings,
+        "embeddings_quantized": opts.quantize_embeddings or gguf, "gguf": gguf,
         "ptq": ptq_metrics, "qat": qat_metrics, "times_s": timer.times, "history": history, "steps": steps,
         "clip_ranges": {"before": before, "after": clip_ranges(student)},
         "_student": student, "_embeddings": kept["embeddings"],

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from ..common.settings import Setting
 
+GGUF_STEPS = {"q8_0": 100, "q4_0": 200}
 GROUP_SIZE = 32  # the w4a8g default: one INT4 scale per output row and 32 input features
 
 
@@ -24,6 +25,26 @@ def w4a8g(group_size: int = GROUP_SIZE, steps: int = 150) -> Setting:
                             f"{group_size} inputs, INT8 activations", w4a8_config(group_size, "mse"), steps=steps)
 
 
+# Q8_0's d (amax/127, ~1e-3 here) is ~8x smaller than Q4_0's (max/-8): the shared scale learning rate (3e-5,
+# an Adam step of ~2 % of a Q8_0 d) moved it too far (quick run: 0.9996 PTQ -> 0.992 after 6 steps), so Q8_0
+# keeps llama-quantize's d of the current weights (ARQ-like) and Q4_0 learns its d.
+GGUF_ALGOS = {"Q8_0": "arq_retrain", "Q4_0": "ulq_quantize"}
+
+
+def gguf_config(gguf_type: str) -> dict:
+    """llama.cpp's profile: Q8_0/Q4_0 block weights with fp16 block scales (Q4_0 learned), activations as
+    llama.cpp's x86 kernels quantize them (docs/gguf.md)."""
+    return {"retrain_weight_config": {"gguf_type": gguf_type, "weights_retrain_algo": GGUF_ALGOS[gguf_type]},
+            "retrain_data_config": {"dynamic_act": "llama.cpp-x86"}}
+
+
+def gguf_setting(name: str, steps: int) -> Setting:
+    kind = name.upper()
+    return Setting(name, f"GGUF {kind} for llama.cpp: {kind} linears and token_embd ({'learned' if kind == 'Q4_0' else 'ARQ-like'} "
+                         f"fp16 block scales), "
+                         f"activations as llama.cpp's x86 Q8_0, ggml's GELU", gguf_config(kind), steps=steps)
+
+
 # Every built-in setting, by name (`--settings`); DEFAULT_SETTINGS run without options.
 SETTINGS = {
     # 150 steps each: w8a8 0.9970, w4a8g 0.9913 held-out mean cosine. 120 / 130 steps reach 0.9961 / 0.9907
@@ -32,8 +53,18 @@ SETTINGS = {
     "w8a8": Setting("w8a8", "W8A8 per-tensor (seed default config)", {}, steps=150),
     "w4a8g": w4a8g(GROUP_SIZE, steps=150),
     "w4a8": Setting("w4a8", "W4A8: INT4 per-channel ULQ weights, INT8 activations", w4a8_config(), steps=300),
+    # opt-in (--settings q8_0,q4_0): GGUF files run in llama.cpp (needs the `gguf` extra)
+    "q8_0": gguf_setting("q8_0", steps=GGUF_STEPS["q8_0"]),
+    "q4_0": gguf_setting("q4_0", steps=GGUF_STEPS["q4_0"]),
 }
 DEFAULT_SETTINGS = ("w8a8", "w4a8g")
+GGUF_SETTINGS = ("q8_0", "q4_0")
+
+
+def is_gguf(setting: Setting) -> bool:
+    return setting.name in GGUF_SETTINGS or "gguf_type" in setting.config.get("retrain_weight_config", {})
+
+
 # --quantize-embeddings: the three embedding tables as weight-only INT8 per row (EmbeddingQAT)
 EMBEDDING_OVERRIDES = {"embeddings.*": {"retrain_weight_config": {"channel_wise": True}}}
 
@@ -87,4 +118,6 @@ class Options:
     latency_sentences: int = 64
     latency_reps: int = 5
     latency_threads: int = 1
+    gguf_latency_sentences: int = 64  # llama.cpp latency: each sentence's best of gguf_latency_reps passes
+    gguf_latency_reps: int = 3
     peers: bool = False  # ORT quantize_dynamic / quantize_static rows of the float model

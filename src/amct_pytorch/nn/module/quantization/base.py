@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 
 from ....distributed import gather_values, global_min_max, rank, sum_over_ranks
-from ....functional import EPS, WeightLayout, act_qparams, fake_quant_weight
+from ....blockwise import BlockActSpec, dynamic_act_spec
+from ....config import LLAMA_CPP_ACTS
+from ....functional import EPS, WeightLayout, act_qparams
 from ....ifmr import HIST_BINS, empty_histogram, hist_update, histogram_from_counts, ifmr_exact, ifmr_histogram
 from ....params import low_precision_params_error, write_param
 from ....qat_function import QuantSpec
@@ -72,8 +74,29 @@ class QATModuleMixin(QATLayer):
         raise NotImplementedError
 
     # ---- construction -------------------------------------------------------------
-    def _build_quant_state(self, device):
+    def _check_dynamic_config(self) -> None:
+        """A GGUF weight format pairs with llama.cpp's activation quantizer (what llama.cpp computes in front
+        of a Q8_0/Q4_0 linear); parse_config checks the other direction."""
+        data, wcfg = self.config.retrain_data_config, self.config.retrain_weight_config
+        if wcfg.gguf_type is not None and data.dynamic_act not in LLAMA_CPP_ACTS:
+            raise ValueError(
+                f"retrain_weight_config.gguf_type={wcfg.gguf_type!r}: llama.cpp quantizes the input of a "
+                f"{wcfg.gguf_type} linear on the fly to Q8_0, so train against that: set "
+                f"retrain_data_config.dynamic_act to one of {LLAMA_CPP_ACTS} (x86: 'llama.cpp-x86'), got "
+                f"{data.dynamic_act!r}"
+            )
+
+    def act_block_spec(self) -> BlockActSpec | None:
+        """The dynamic per-block activation quantizer (retrain_data_config.dynamic_act), or None."""
         data = self.config.retrain_data_config
+        if data.dynamic_act is None:
+            return None
+        return dynamic_act_spec(data.dynamic_act, self.config.retrain_weight_config.group_size)
+
+    def _build_quant_state(self, device):
+        self._check_dynamic_config()
+        data = self.config.retrain_data_config
+        # with a dynamic activation the clip/scale state below is registered but unused (uniform state_dict keys)
         f32 = dict(device=device, dtype=torch.float32)
         # shape (1,), not 0-d: FSDP2 shards every parameter on dim 0 (0-d checkpoints still load)
         self.acts_clip_max = nn.Parameter(torch.full((1,), data.clip_max or 0.0, **f32))
@@ -196,13 +219,19 @@ class QATModuleMixin(QATLayer):
             w_scale, wq = self._cached_weight()
         abits = self.config.retrain_data_config.num_bits
         act_grid = None
+        blocks = self.act_block_spec()
+        wcfg = self.config.retrain_weight_config
+        if blocks is not None:  # dynamic per-block activation: nothing calibrated, nothing stored
+            spec = QuantSpec(None, wcfg.num_bits, wcfg.learnable_scale, weight_format=wcfg.block_format,
+                             act_blocks=blocks)
+            return self._qat_call(x, w_scale, spec, wq, None, *args, **kwargs)
         if quant_act:  # the grid is computed once and shared with the autograd function
             act_grid = self.act_qparams()
             if update:
                 self.acts_scale.copy_(act_grid[0].reshape(1))
                 self.acts_offset.copy_(act_grid[1].reshape(1))
-        spec = QuantSpec(abits if quant_act else None, self.config.retrain_weight_config.num_bits,
-                         self.config.retrain_weight_config.learnable_scale)
+        spec = QuantSpec(abits if quant_act else None, wcfg.num_bits, wcfg.learnable_scale,
+                         weight_format=wcfg.block_format)
         return self._qat_call(x, w_scale, spec, wq, act_grid, *args, **kwargs)
 
     def _warn_uncalibrated(self):
@@ -263,8 +292,7 @@ class QATModuleMixin(QATLayer):
         with torch.no_grad():
             lo, hi = torch.aminmax(x)
             amax = torch.maximum(-lo, hi).double()
-            wq = fake_quant_weight(self.weight, self.weight_qparams(), self.config.retrain_weight_config.num_bits,
-                                   layout)
+            wq = self.weight_fake_quant(self.weight_qparams())
             # every output sums at most one channel's weights times inputs: bound by the largest
             # channel's sum of |w_q| (for a transposed conv, a subset of its kernel's terms)
             bound = amax * self._channel_abs_sums(wq).amax()
@@ -409,10 +437,19 @@ class QATModuleMixin(QATLayer):
             status = "calibrated"
         else:
             status = f"calibrating {int(self.calib_batches)}/{data.batch_num} batches"
-        act = f"act={data.dst_type} ULQ (IFMR {data.ifmr_search}, batch_num={data.batch_num}"
-        act += ", fixed_min" if data.fixed_min else ""
-        act += f", {status})"
-        wt = f"weight={wcfg.dst_type} {wcfg.weights_retrain_algo} {'per-channel' if wcfg.channel_wise else 'per-tensor'}"
+        if data.dynamic_act is not None:
+            spec = self.act_block_spec()
+            act = (f"act=INT8 dynamic {data.dynamic_act} (block {spec.block}, {spec.scale_dtype} scale, "
+                   f"{spec.reciprocal}, ties {spec.rounding})")
+        else:
+            act = f"act={data.dst_type} ULQ (IFMR {data.ifmr_search}, batch_num={data.batch_num}"
+            act += ", fixed_min" if data.fixed_min else ""
+            act += f", {status})"
+        layout = "per-channel" if wcfg.channel_wise else "per-tensor"
+        if wcfg.group_size is not None:
+            layout = f"group {wcfg.group_size}"
+        grid = wcfg.dst_type if wcfg.gguf_type is None else wcfg.gguf_type
+        wt = f"weight={grid} {wcfg.weights_retrain_algo} {layout}"
         rule = ("state updates: only in train mode with grad enabled or inside amct_pytorch.calibrating(); "
                 "never in eval, no_grad or export")
         return f"{act}, {wt}, {rule}"

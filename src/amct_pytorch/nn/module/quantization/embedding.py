@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ....blockwise import fake_quant_weight_from_float, fake_quant_weight_learned, weight_codes_from_float
 from ....config import DataQuantConfig, QATConfig, parse_config
 from ....functional import WeightLayout, quantize_weight, rows_layout
 from ....params import low_precision_params_error
@@ -29,7 +30,10 @@ def _weight_only(cfg: QATConfig) -> QATConfig:
             "retrain_data_config: EmbeddingQAT quantizes its table only (its input is token ids, there is no "
             f"activation to quantize); leave retrain_data_config out, got {cfg.retrain_data_config}"
         )
-    if cfg.retrain_weight_config.group_size is not None:
+    wcfg = cfg.retrain_weight_config
+    if wcfg.gguf_type is not None:
+        return cfg  # blocks of 32 along each row (the hidden dim), as llama.cpp stores token_embd
+    if wcfg.group_size is not None:
         raise ValueError("retrain_weight_config.group_size: EmbeddingQAT supports per-tensor or per-row "
                          "(channel_wise=True) scales, not group-wise ones")
     return cfg
@@ -53,6 +57,10 @@ class EmbeddingQAT(QATLayer, nn.Embedding):
         if sparse:
             raise ValueError("sparse: EmbeddingQAT computes dense gradients (its scales need them); got sparse=True")
         cfg = _weight_only(parse_config(config))
+        group = cfg.retrain_weight_config.group_size
+        if cfg.retrain_weight_config.gguf_type is not None and embedding_dim % group:
+            raise ValueError(f"retrain_weight_config.gguf_type={cfg.retrain_weight_config.gguf_type!r}: "
+                             f"embedding_dim={embedding_dim} is not a multiple of its block length {group}")
         super().__init__(num_embeddings, embedding_dim, padding_idx, None, norm_type, scale_grad_by_freq, False,
                          _weight, _freeze, device=check_device(device), dtype=torch.float32)
         self.config: QATConfig = cfg
@@ -65,7 +73,10 @@ class EmbeddingQAT(QATLayer, nn.Embedding):
         return rows_layout(self.weight.shape)
 
     def n_weight_scales(self) -> int:
-        return self.num_embeddings if self.config.retrain_weight_config.channel_wise else 1
+        wcfg = self.config.retrain_weight_config
+        if wcfg.gguf_type is not None:
+            return self.num_embeddings * (self.embedding_dim // wcfg.group_size)
+        return self.num_embeddings if wcfg.channel_wise else 1
 
     @classmethod
     def from_float(cls, mod, config=None):
@@ -107,15 +118,47 @@ class EmbeddingQAT(QATLayer, nn.Embedding):
         if torch_exporting():
             return self.export_forward(ids)
         wcfg = self.config.retrain_weight_config
+        if wcfg.gguf_type is not None and not wcfg.learnable_scale:
+            # llama-quantize's blocks of the rows looked up (a block never spans rows): no pass over the table
+            rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq)
+            return self._gguf_rows_from_float(ids, rows)
         scale = self._weight_scale(self.updates_state())
         rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq)
+        if wcfg.gguf_type is not None:
+            return self._gguf_rows(ids, rows, scale)
         if wcfg.channel_wise:
             scale = F.embedding(ids, scale.unsqueeze(-1))  # each looked-up row's own scale
         per_scale = self.embedding_dim if wcfg.channel_wise else self.weight.numel()
         return FakeQuantRows.apply(rows, scale, wcfg.num_bits, wcfg.learnable_scale, per_scale)
 
+    def _gguf_rows_from_float(self, ids, rows):
+        """ARQ-like GGUF rows; a state-updating forward stores those rows' d in `wts_scales`."""
+        fmt = self.config.retrain_weight_config.block_format
+        flat = rows.reshape(-1, self.embedding_dim)
+        if self.updates_state():
+            with torch.no_grad():
+                d = weight_codes_from_float(flat.detach(), fmt)[1].to(torch.float32)
+                self.wts_scales.view(self.num_embeddings, -1).index_copy_(0, ids.reshape(-1), d)
+        return fake_quant_weight_from_float(flat, fmt).reshape(rows.shape)
+
+    def _gguf_rows(self, ids, rows, scale):
+        """The looked-up rows in the GGUF block format (blocks along each row, so quantize-then-gather
+        equals gather-then-quantize): llama-quantize's blocks, or those of the learned block scales."""
+        fmt = self.config.retrain_weight_config.block_format
+        flat = rows.reshape(-1, self.embedding_dim)
+        if self.config.retrain_weight_config.learnable_scale and self._wts_ready:
+            d = F.embedding(ids.reshape(-1), scale.reshape(self.num_embeddings, -1))
+            out = fake_quant_weight_learned(flat, d, fmt)
+        else:
+            out = fake_quant_weight_from_float(flat, fmt)
+        return out.reshape(rows.shape)
+
     def quantized_table(self):
         """(int8 codes shaped like the table, scales (rows,) or (1,)) of the eval forward."""
+        if self.config.retrain_weight_config.gguf_type is not None:
+            raise ValueError(f"{self.describe()}: retrain_weight_config.gguf_type="
+                             f"{self.config.retrain_weight_config.gguf_type!r} is a llama.cpp block format with no "
+                             "ONNX form here; export the model with amct_pytorch.export.export_gguf")
         with torch.no_grad():
             scale = self.weight_qparams().detach()
         return quantize_weight(self.weight.detach(), scale, self.config.retrain_weight_config.num_bits,
@@ -139,5 +182,7 @@ class EmbeddingQAT(QATLayer, nn.Embedding):
         base = super().extra_repr()
         if not self.config.retrain_enable:
             return base + ", retrain_enable=False"
-        return (f"{base}, weight={wcfg.dst_type} {wcfg.weights_retrain_algo} "
-                f"{'per-row' if wcfg.channel_wise else 'per-tensor'} (weight only)")
+        layout = "per-row" if wcfg.channel_wise else "per-tensor"
+        if wcfg.gguf_type is not None:
+            return f"{base}, weight={wcfg.gguf_type} {wcfg.weights_retrain_algo} blocks of {wcfg.group_size} (weight only)"
+        return f"{base}, weight={wcfg.dst_type} {wcfg.weights_retrain_algo} {layout} (weight only)"

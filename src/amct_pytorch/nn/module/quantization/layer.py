@@ -18,10 +18,11 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from ....blockwise import initial_block_scale, storable_scale, weight_codes_from_float, weight_codes_learned
 from ....config import QATConfig
-from ....functional import WeightLayout, arq_scale, fake_quant_weight, initial_weight_scale, ulq_weight_scale
+from ....functional import WeightLayout, arq_scale, initial_weight_scale, ulq_weight_scale
 from ....params import write_param
-from ....qat_function import WeightCache
+from ....qat_function import WeightCache, weight_fake_quant
 from ....runtime import calibrating_now, exporting
 
 
@@ -143,8 +144,22 @@ class QATLayer:
         self.sync_host_state()
 
     # ---- the weight quantizer: scales and ŵ ------------------------------------------------
+    def _weight_2d(self) -> torch.Tensor:
+        """The weight as (rows, K): the rows along which a GGUF block format runs its blocks."""
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def _block_scale_from_float(self) -> torch.Tensor:
+        """llama-quantize's d of the current weight, flat (rows * K/32,) float32 (fp16 values)."""
+        with torch.no_grad():
+            return initial_block_scale(self._weight_2d(), self.config.retrain_weight_config.block_format).reshape(-1)
+
     def _weight_scale(self, update: bool) -> torch.Tensor:
         wcfg = self.config.retrain_weight_config
+        if wcfg.block_format is not None and not wcfg.learnable_scale:
+            scale = self._block_scale_from_float()
+            if update:
+                self.wts_scales.copy_(scale)
+            return scale
         if wcfg.learnable_scale:
             if not self._wts_ready:
                 init = self.weight_scale_init()
@@ -154,7 +169,8 @@ class QATLayer:
                     write_param(self, "wts_scales", init)  # also into this rank's FSDP2 shard
                     self.wts_scale_ready.fill_(True)
                 self._wts_ready = True
-            return ulq_weight_scale(self.wts_scales)
+            # a GGUF block scale is used as it is (signed, fp16-rounded in the quantizer); ULQ's as |s|
+            return self.wts_scales if wcfg.block_format is not None else ulq_weight_scale(self.wts_scales)
         scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout())
         if update:
             self.wts_scales.copy_(scale)
@@ -163,12 +179,18 @@ class QATLayer:
     def weight_scale_init(self) -> torch.Tensor:
         """A learnable scale's first value (retrain_weight_config.scale_init: ARQ or MSE)."""
         wcfg = self.config.retrain_weight_config
+        if wcfg.block_format is not None:
+            return self._block_scale_from_float()
         return initial_weight_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout(),
                                     wcfg.scale_init)
 
     def weight_qparams(self) -> torch.Tensor:
         """The weight scale the next forward would use (no state change)."""
         wcfg = self.config.retrain_weight_config
+        if wcfg.block_format is not None:
+            if wcfg.learnable_scale and self._wts_ready:
+                return storable_scale(self.wts_scales.detach())
+            return self._block_scale_from_float()
         if wcfg.learnable_scale:
             return ulq_weight_scale(self.wts_scales.detach()) if self._wts_ready else self.weight_scale_init()
         return arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout())
@@ -188,8 +210,7 @@ class QATLayer:
             return hit
         w_scale = self._weight_scale(False)
         with torch.no_grad():
-            wq = fake_quant_weight(self.weight, w_scale, self.config.retrain_weight_config.num_bits,
-                                   self.weight_layout())
+            wq = self.weight_fake_quant(w_scale)
         self._wq_cache.store(sources, w_scale, wq)
         return w_scale, wq
 
@@ -200,5 +221,24 @@ class QATLayer:
     def fake_quantized_weight(self) -> torch.Tensor:
         """The whole fake-quantized weight the eval forward uses (for checks)."""
         with torch.no_grad():
-            return fake_quant_weight(self.weight, self.weight_qparams(), self.config.retrain_weight_config.num_bits,
-                                     self.weight_layout())
+            return self.weight_fake_quant(self.weight_qparams())
+
+    def weight_fake_quant(self, scale: torch.Tensor) -> torch.Tensor:
+        """ŵ for the weight scale `scale` (as `_weight_scale` / `weight_qparams` return it), no history."""
+        wcfg = self.config.retrain_weight_config
+        with torch.no_grad():
+            return weight_fake_quant(self.weight, scale, wcfg.num_bits, self.weight_layout(), wcfg.block_format,
+                                     wcfg.learnable_scale and self._wts_ready)
+
+    def gguf_blocks(self):
+        """(codes int8 (rows, K), d float16 (rows, K/32)): the weight as its GGUF file stores it, the
+        trained codes and stored scales of the eval forward (retrain_weight_config.gguf_type)."""
+        wcfg = self.config.retrain_weight_config
+        if wcfg.block_format is None:
+            raise ValueError(f"{self.describe()}: retrain_weight_config.gguf_type is None; only Q8_0/Q4_0 layers "
+                             "hold GGUF blocks")
+        with torch.no_grad():
+            w = self._weight_2d().detach()
+            if wcfg.learnable_scale and self._wts_ready:
+                return weight_codes_learned(w, self.wts_scales.detach().reshape(w.shape[0], -1), wcfg.block_format)
+            return weight_codes_from_float(w, wcfg.block_format)

@@ -66,6 +66,13 @@ def check_exportable(module, name: str | None = None) -> None:
     """Raise a clear error when `module` cannot be exported as a faithful QDQ graph (messages name it
     `name`, its path in the model, when given)."""
     require_calibrated(module, name)
+    data, wcfg = module.config.retrain_data_config, module.config.retrain_weight_config
+    if wcfg.gguf_type is not None or (data.dynamic_act or "").startswith("llama.cpp"):
+        raise RuntimeError(
+            f"{name or module.describe()}: trained for llama.cpp (gguf_type={wcfg.gguf_type!r}, dynamic_act="
+            f"{data.dynamic_act!r}), whose Q8_0/Q4_0 blocks and on-the-fly activation quantizer have no ONNX form; "
+            "write it with amct_pytorch.export.export_gguf"
+        )
     if module.training:
         raise RuntimeError(
             f"{name or module.describe()}: is in training mode; call model.eval() before export "
@@ -144,8 +151,12 @@ def export_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     axis = weight_axis(module)
     group = module.config.retrain_weight_config.group_size
     if q is not None and not torch.jit.is_tracing() and group is not None:
-        # group-wise: an opset-21 blocked Q/DQ, one scale per (output row, block of input features)
-        xq = quant_dequant(x, q.act_scale, [int(q.act_offset)], -1, q.act_bits)
+        # group-wise: an opset-21 blocked Q/DQ, one scale per (output row, block of input features); a
+        # dynamic activation (ort-matmulnbits-level4) has no Q/DQ: MatMulNBits' level 4 quantizes x itself
+        if module.config.retrain_data_config.dynamic_act is None:
+            xq = quant_dequant(x, q.act_scale, [int(q.act_offset)], -1, q.act_bits)
+        else:
+            xq = x
         w_scale = q.weight_scale  # (rows, blocks), see pinned_layout
         wq = quant_dequant_blocked(module.weight, w_scale, group, q.weight_bits)
         return module.float_forward(xq, wq, *args, **kwargs)
