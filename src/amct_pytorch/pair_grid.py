@@ -165,6 +165,46 @@ def _solve(v: torch.Tensor, grid: str, unconstrained: bool):
     return (*_pair_solve(v), int_range(8)[1])
 
 
+def _grid_state(weight, scale, order, groups, grid):
+    rows = to_reduction_rows(weight, order)
+    s = _scale_rows(scale, rows.shape[0])
+    v = rows / s
+    q, j_self, j_part, qmax = _solve(v, grid, order == "conv" and is_depthwise(weight.shape, groups))
+    return s, v, q, j_self, j_part, qmax
+
+
+def grid_weight(weight: torch.Tensor, scale: torch.Tensor, order: str = "linear", groups: int = 1) -> torch.Tensor:
+    """ŵ on the pair-capped grid, without autograd history (the forward of `grid_grads`)."""
+    with torch.no_grad():
+        s, _, q, _, _, _ = _grid_state(weight.detach(), scale.detach(), order, groups, "pair")
+        return from_reduction_rows(q * s, weight.shape, order)
+
+
+def grid_grads(weight: torch.Tensor, scale: torch.Tensor, grad_wq: torch.Tensor, order: str = "linear",
+               groups: int = 1, weight_grad: str = "identity", need_scale: bool = True):
+    """(dL/dw, dL/ds) of ŵ = `grid_weight(weight, scale)` given dL/dŵ = `grad_wq` (the module docstring's
+    rules; recomputed from weight and scale, so a training forward keeps nothing extra). dL/ds is
+    None unless `need_scale`; it has `scale`'s shape."""
+    with torch.no_grad():
+        _, v, q, j_self, j_part, qmax = _grid_state(weight.detach(), scale.detach(), order, groups, "pair")
+        g = to_reduction_rows(grad_wq, order)
+        if weight_grad == "identity":
+            grad_w = grad_wq
+        elif weight_grad == "projected":  # J^T g: J is symmetric within a pair
+            grad_w = from_reduction_rows(j_self * g + _partner(j_part * g), weight.shape, order)
+        else:
+            raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
+        grad_s = None
+        if need_scale:
+            dq_ds = q - (j_self * v + j_part * _partner(v))
+            factor = 1.0 / (g.numel() // scale.numel() * qmax) ** 0.5
+            if scale.numel() == 1:
+                grad_s = (g * dq_ds).sum().reshape(scale.shape) * factor
+            else:
+                grad_s = (g * dq_ds).sum(dim=1).reshape(scale.shape) * factor
+    return grad_w, grad_s
+
+
 class _GridFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, scale, order, groups, weight_grad, grid):

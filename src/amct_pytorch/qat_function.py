@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .functional import (WeightLayout, act_qparams, fake_quant_act, fake_quant_act_plain, fake_quant_weight,
                          fake_quant_weight_plain, int_range, lsq_scale_grad, lsq_step_grad, scale_view,
                          ulq_act_grads, ulq_act_grads_plain)
+from .pair_grid import grid_grads, grid_weight
 from .runtime import compiled_kernels_enabled, use_compiled_kernels  # noqa: F401 (their first home, kept)
 
 @functools.cache
@@ -63,6 +64,9 @@ class QuantSpec(NamedTuple):
     weight_bits: int
     learnable_weight_scale: bool
     compiled: bool = False  # use the torch.compile kernels (set by qat_apply at call time)
+    # the pair-capped INT8 weight grid (kernel_grid="pair_cap"): (order, groups, weight_grad) for
+    # pair_grid.grid_weight / grid_grads; None: the plain grid of weight_bits
+    pair_grid: tuple | None = None
 
 
 # ---- the float op of each module type: forward and the two halves of its backward -----
@@ -123,7 +127,10 @@ class QATFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, clip_max, clip_min, w_scale, spec: QuantSpec, op, wq=None, act_grid=None):
         if wq is None:
-            wq = _fq_weight(weight, w_scale, spec.weight_bits, spec.compiled, op.layout)
+            if spec.pair_grid is not None:
+                wq = grid_weight(weight, w_scale, *spec.pair_grid[:2])
+            else:
+                wq = _fq_weight(weight, w_scale, spec.weight_bits, spec.compiled, op.layout)
         if spec.act_bits is None:
             a_scale = a_offset = None
             xq = x
@@ -155,7 +162,11 @@ class QATFunction(torch.autograd.Function):
             xq = _fq_act(x, a_scale, a_offset, spec.act_bits, spec.compiled) if quant_act else x
             grad_w, grad_b = op.grad_weight_bias(grad_y, xq, weight, True, need_b)
             del xq
-            if spec.learnable_weight_scale and need_s:
+            if spec.pair_grid is not None:
+                order, groups, weight_grad = spec.pair_grid
+                grad_w, grad_s = grid_grads(weight, w_scale, grad_w, order, groups, weight_grad,
+                                            spec.learnable_weight_scale and need_s)
+            elif spec.learnable_weight_scale and need_s:
                 grad_s = lsq_scale_grad(weight, grad_w, w_scale, spec.weight_bits, op.layout)
         elif need_b:
             _, grad_b = op.grad_weight_bias(grad_y, x, weight, False, True)

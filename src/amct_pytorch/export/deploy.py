@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..convert import quantized_layers
-from ..functional import WeightLayout, quantize_weight, scale_view
+from ..functional import WeightLayout, scale_view
 from ..nn.module.quantization.qdq import module_qparams
 
 
@@ -52,7 +52,7 @@ def deploy_view(model: nn.Module) -> dict[str, DeployedLayer]:
         q = module_qparams(m)
         layout = m.weight_layout()
         view[name] = DeployedLayer(
-            weight=quantize_weight(m.weight.detach(), q.weight_scale, q.weight_bits, layout),
+            weight=m.weight_codes(),  # the trained codes (on a kernel grid: pair-capped or 7-bit)
             weight_scale=q.weight_scale,
             weight_bits=q.weight_bits,
             act_scale=float(q.act_scale),

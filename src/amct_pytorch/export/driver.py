@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..convert import qat_layers, quantized_layers
-from ..nn.module.quantization.qdq import check_exportable, int32_bias
+from ..nn.module.quantization.qdq import check_exportable, int32_bias, kernel_grid_weights
 from ..ops import INT4_OPSET, onnx_translations
 from ..runtime import pinned_qparams
 from .onnx_graph import FoldedWeight
@@ -40,8 +40,16 @@ def _pinned(model: nn.Module):
     torch.export traces with fake parameters, so without this the factors are computed inside
     the graph from the parameters (the exporter folds them into constants only for small weights).
     """
-    return pinned_qparams({id(m): m.export_constants() for m in qat_layers(model).values()
-                           if m.config.retrain_enable})
+    layers = [m for m in qat_layers(model).values() if m.config.retrain_enable]
+    return _pinned_then_kernel_grid(pinned_qparams({id(m): m.export_constants() for m in layers}), layers)
+
+
+@contextlib.contextmanager
+def _pinned_then_kernel_grid(pinned, layers):
+    """The pinned factors (computed from the real weights), then the kernel-grid layers' weights
+    replaced by their trained ŵ for the export (qdq.kernel_grid_weights)."""
+    with pinned, kernel_grid_weights(layers):
+        yield
 
 
 @contextlib.contextmanager

@@ -201,8 +201,9 @@ class QATModuleMixin(QATLayer):
             if update:
                 self.acts_scale.copy_(act_grid[0].reshape(1))
                 self.acts_offset.copy_(act_grid[1].reshape(1))
-        spec = QuantSpec(abits if quant_act else None, self.config.retrain_weight_config.num_bits,
-                         self.config.retrain_weight_config.learnable_scale)
+        wcfg = self.config.retrain_weight_config
+        spec = QuantSpec(abits if quant_act else None, wcfg.grid_bits, wcfg.learnable_scale,
+                         pair_grid=self.pair_grid_spec())
         return self._qat_call(x, w_scale, spec, wq, act_grid, *args, **kwargs)
 
     def _warn_uncalibrated(self):

@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 
 from ....config import QATConfig
-from ....functional import WeightLayout, arq_scale, fake_quant_weight, initial_weight_scale, ulq_weight_scale
+from ....functional import (WeightLayout, arq_scale, fake_quant_weight, initial_weight_scale, int_range,
+                            ulq_weight_scale)
+from ....pair_grid import grid_weight, pair_mse_scale
 from ....params import write_param
 from ....qat_function import WeightCache
 from ....runtime import calibrating_now, exporting
@@ -67,6 +69,12 @@ class QATLayer:
         """How many weight scales the config asks for: 1 or one per output channel."""
         raise NotImplementedError
 
+    def kernel_order(self) -> tuple[str, int] | None:
+        """(order, groups) in which an integer kernel reduces this layer's weight (pair_grid.ORDERS),
+        for the kernel-aware weight grid; None: the layer does not run an integer matmul or conv
+        (retrain_weight_config.kernel_grid must then stay 'full')."""
+        return None
+
     def describe(self) -> str:
         """The layer as messages name it: its class and float arguments."""
         return f"{type(self).__name__}({self._FLOAT.extra_repr(self)})"
@@ -103,6 +111,12 @@ class QATLayer:
     # ---- the weight quantizer: state ------------------------------------------------------
     def _build_weight_state(self, device) -> None:
         wcfg = self.config.retrain_weight_config
+        if wcfg.kernel_grid != "full" and self.config.retrain_enable and self.kernel_order() is None:
+            raise ValueError(
+                f"retrain_weight_config.kernel_grid={wcfg.kernel_grid!r}: {type(self).__name__} does not run an "
+                "integer matmul or conv in ONNX Runtime (kernel grids apply to LinearQAT and Conv1d/2d/3dQAT); "
+                "give this layer kernel_grid='full' (e.g. through to_qat's overrides)"
+            )
         n_scales = self.n_weight_scales()
         f32 = dict(device=device, dtype=torch.float32)
         if wcfg.learnable_scale:
@@ -155,7 +169,7 @@ class QATLayer:
                     self.wts_scale_ready.fill_(True)
                 self._wts_ready = True
             return ulq_weight_scale(self.wts_scales)
-        scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout())
+        scale = arq_scale(self.weight, wcfg.grid_bits, wcfg.channel_wise, self.weight_layout())
         if update:
             self.wts_scales.copy_(scale)
         return scale
@@ -163,7 +177,11 @@ class QATLayer:
     def weight_scale_init(self) -> torch.Tensor:
         """A learnable scale's first value (retrain_weight_config.scale_init: ARQ or MSE)."""
         wcfg = self.config.retrain_weight_config
-        return initial_weight_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout(),
+        if wcfg.scale_init == "pair_mse":  # the pair-capped grid's best multiple of the max-abs step
+            with torch.no_grad():
+                base = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout())
+                return pair_mse_scale(self.weight, base, *self.kernel_order()).reshape(base.shape)
+        return initial_weight_scale(self.weight, wcfg.grid_bits, wcfg.channel_wise, self.weight_layout(),
                                     wcfg.scale_init)
 
     def weight_qparams(self) -> torch.Tensor:
@@ -171,7 +189,35 @@ class QATLayer:
         wcfg = self.config.retrain_weight_config
         if wcfg.learnable_scale:
             return ulq_weight_scale(self.wts_scales.detach()) if self._wts_ready else self.weight_scale_init()
-        return arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout())
+        return arq_scale(self.weight, wcfg.grid_bits, wcfg.channel_wise, self.weight_layout())
+
+    def pair_grid_spec(self) -> tuple | None:
+        """(order, groups, weight_grad) of the pair-capped grid (QuantSpec.pair_grid); None on other grids."""
+        wcfg = self.config.retrain_weight_config
+        if wcfg.kernel_grid != "pair_cap":
+            return None
+        return (*self.kernel_order(), wcfg.kernel_grid_grad)
+
+    def _fake_quant(self, weight, scale) -> torch.Tensor:
+        """ŵ on this layer's weight grid (no autograd history needed by the callers)."""
+        wcfg = self.config.retrain_weight_config
+        if wcfg.kernel_grid == "pair_cap":
+            return grid_weight(weight, scale, *self.kernel_order())
+        return fake_quant_weight(weight, scale, wcfg.grid_bits, self.weight_layout())
+
+    @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor:
+        """The integer codes of the eval forward's ŵ, as int8 shaped like the weight (INT4 codes live in
+        int8 too): round(ŵ / s), which on a kernel grid are the pair-capped or 7-bit codes."""
+        scale = self.weight_qparams().detach()
+        wq = self._fake_quant(self.weight.detach(), scale)
+        layout = self.weight_layout()
+        if scale.numel() > 1:
+            view = wq.reshape(layout.view) / scale.reshape(layout.scale)
+        else:
+            view = wq / scale.reshape(())
+        qmin, qmax = int_range(self.config.retrain_weight_config.grid_bits)
+        return torch.round(view).clamp(qmin, qmax).reshape(self.weight.shape).to(torch.int8)
 
     def _cached_weight(self):
         """(scale, ŵ) for a forward that does not update state, reused while neither the weight
@@ -188,8 +234,7 @@ class QATLayer:
             return hit
         w_scale = self._weight_scale(False)
         with torch.no_grad():
-            wq = fake_quant_weight(self.weight, w_scale, self.config.retrain_weight_config.num_bits,
-                                   self.weight_layout())
+            wq = self._fake_quant(self.weight, w_scale)
         self._wq_cache.store(sources, w_scale, wq)
         return w_scale, wq
 
@@ -200,5 +245,4 @@ class QATLayer:
     def fake_quantized_weight(self) -> torch.Tensor:
         """The whole fake-quantized weight the eval forward uses (for checks)."""
         with torch.no_grad():
-            return fake_quant_weight(self.weight, self.weight_qparams(), self.config.retrain_weight_config.num_bits,
-                                     self.weight_layout())
+            return self._fake_quant(self.weight, self.weight_qparams())
