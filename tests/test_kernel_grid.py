@@ -290,3 +290,64 @@ def test_plain_torch_onnx_export_refuses_kernel_grid(tmp_path):
     _calibrated(m, torch.randn(4, 8)).eval()
     with pytest.raises(RuntimeError, match="exports its trained codes only through"):
         torch.onnx.export(m, (torch.randn(2, 8),), tmp_path / "p.onnx", dynamo=False)
+
+
+_QEMU_RUN = """
+import sys, numpy as np, onnxruntime as ort
+data = np.load(sys.argv[1])
+outs = {}
+for name in sys.argv[3:]:
+    so = ort.SessionOptions(); so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(name, so, providers=["CPUExecutionProvider"])
+    outs[name] = sess.run(None, {sess.get_inputs()[0].name: data["x"]})[0]
+np.savez(sys.argv[2], **{str(i): outs[n] for i, n in enumerate(sys.argv[3:])})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("qemu-x86_64") is None or __import__("platform").machine() != "x86_64",
+                    reason="needs qemu-user (apt-get install qemu-user) on x86-64")
+def test_kernel_grid_artifacts_exact_under_qemu_haswell(tmp_path):
+    """ORT under an emulated AVX2 CPU without VNNI: the full grid's artifact saturates (equals the u8s8
+    emulation, far from the exact sum), the pair_cap and int7 artifacts equal the exact integer sum."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+
+    torch.manual_seed(6)
+    x = (torch.randint(0, 2, (8, 256)) * 2 - 1).float() * 3.0  # +-3: activation codes at the grid's ends
+    paths, layers = [], []
+    for cfg in ({}, PAIR, INT7):
+        m = LinearQAT(256, 16, config=cfg)
+        with torch.no_grad():
+            m.weight.uniform_(-1, 1)
+        _calibrated(m, x).eval()
+        path = str(tmp_path / f"{len(paths)}.onnx")
+        ap.export_onnx(m, x, path, check=False)
+        paths.append(path)
+        layers.append(m)
+    np.savez(tmp_path / "in.npz", x=x.numpy())
+    script = tmp_path / "run.py"
+    script.write_text(_QEMU_RUN)
+    proc = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", os.path.realpath(sys.executable), str(script),
+                           str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), *paths],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "out.npz")
+    for i, m in enumerate(layers):
+        s_x, z_x = m.act_qparams()
+        x_codes = (torch.round(x / s_x) + z_x).clamp(-128, 127).to(torch.int64).numpy()
+        w_codes = m.weight_codes().numpy().T
+        bias = m.bias.detach().numpy()
+        exact = matmul_integer_to_float(x_codes, w_codes, float(s_x), float(m.weight_qparams()), int(z_x),
+                                        kernel="exact") + bias
+        pairs = matmul_integer_to_float(x_codes, w_codes, float(s_x), float(m.weight_qparams()), int(z_x)) + bias
+        # ORT: float32(acc) * float32(s_x * s_w), then the bias Add: a few float32 roundings
+        tol = 4 * np.finfo(np.float32).eps * (np.abs(exact) + np.abs(bias))
+        np.testing.assert_array_less(np.abs(got[str(i)] - pairs), tol + 1e-30)  # ORT = its emulated kernel
+        if i == 0:
+            assert np.abs(got[str(i)] - exact).max() > 1.0  # the full grid saturates here
+        else:
+            np.testing.assert_array_less(np.abs(got[str(i)] - exact), tol + 1e-30)
