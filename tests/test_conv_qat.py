@@ -462,7 +462,8 @@ def test_deploy_view_codes_reproduce_the_quantized_weight():
     view = deploy_view(model)
     for name, m in qat_layers(model).items():
         wq = fake_quant_weight(m.weight.detach(), m.weight_qparams(), 8, m.weight_layout())
-        assert view[name].weight.shape == m.weight.shape and view[name].weight.dtype == torch.int8
+        assert view[name].weight.shape == m.weight.shape and view[name].codes().dtype == torch.int8
+        assert view[name].weight.dtype == {"int8": torch.int8, "uint8": torch.uint8}[view[name].storage]
         torch.testing.assert_close(view[name].dequantized_weight(), wq, rtol=0, atol=0)
 
 

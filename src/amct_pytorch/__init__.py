@@ -6,19 +6,20 @@ from .nn.module.quantization.layer import QATLayer
 from .nn.module.quantization.base import CalibrationSkippedWarning, QATModuleMixin
 from .nn.module.quantization.embedding import EmbeddingQAT
 from .nn.module.quantization.linear import LinearQAT
+from .nn.module.quantization.transformers_conv1d import Conv1DQAT
 from .nn.module.quantization.conv import (Conv1dQAT, Conv2dQAT, Conv3dQAT, ConvTranspose1dQAT, ConvTranspose2dQAT,
                                           ConvTranspose3dQAT)
 from .export import DeployedLayer, DeployedLinear, ExportResult, deploy_view, export_onnx
 from .quant_record import load_quant_record, save_quant_record
-from .convert import (ALL_QAT_CLASSES, QAT_CLASSES, ConversionSummary, calibrate, disable_quantization,
-                      enable_quantization, freeze_calibration, qat_layers, quantized_layers, to_float, to_qat,
-                      unfreeze_calibration)
+from .convert import (ALL_QAT_CLASSES, QAT_CLASSES, ConversionSummary, UnconvertedLayerWarning, calibrate,
+                      disable_quantization, enable_quantization, freeze_calibration, qat_layers, quantized_layers,
+                      to_float, to_qat, unfreeze_calibration)
 from .outliers import ChannelSplit, split_outlier_channels
-from .training import migrate_optimizer_state
+from .training import add_qat_params, migrate_optimizer_state
 from .batchnorm import BatchNormFolding, fold_batchnorm
 
 __all__ = ["LinearQAT", "Conv1dQAT", "Conv2dQAT", "Conv3dQAT", "ConvTranspose1dQAT", "ConvTranspose2dQAT",
-           "ConvTranspose3dQAT", "EmbeddingQAT", "QATLayer", "QATModuleMixin", "QAT_CLASSES", "ALL_QAT_CLASSES", "set_strict_inputs",
+           "ConvTranspose3dQAT", "EmbeddingQAT", "Conv1DQAT", "UnconvertedLayerWarning", "add_qat_params", "QATLayer", "QATModuleMixin", "QAT_CLASSES", "ALL_QAT_CLASSES", "set_strict_inputs",
            "strict_inputs", "strict_inputs_enabled", "CalibrationSkippedWarning", "DeployedLayer", "calibrating",
            "parse_config", "QATConfig", "DataQuantConfig", "WeightQuantConfig",
            "export_onnx", "ExportResult", "deploy_view", "DeployedLinear", "save_quant_record", "load_quant_record",

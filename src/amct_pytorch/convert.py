@@ -15,9 +15,11 @@ directly by the attention kernel) are left alone and listed in the summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -32,27 +34,95 @@ from .nn.module.quantization.conv import (Conv1dQAT, Conv2dQAT, Conv3dQAT, ConvT
                                           ConvTranspose3dQAT)
 from .nn.module.quantization.embedding import EmbeddingQAT
 from .nn.module.quantization.linear import LinearQAT
+from .nn.module.quantization.transformers_conv1d import Conv1DQAT, transformers_conv1d
 from .runtime import calibrating
+from .training import qat_parameters, watch_qat_params
 
+class QATClassRegistry(MutableMapping):
+    """{float layer class: QAT class}, a dict that also holds the classes of optional libraries once
+    they are imported (transformers' Conv1D -> Conv1DQAT while `transformers.pytorch_utils` is in
+    sys.modules), without importing them itself."""
+
+    def __init__(self, classes: dict[type, type], optional: tuple = ()):
+        self._classes = dict(classes)
+        self._optional = list(optional)  # (function returning the float class or None, QAT class)
+
+    def _sync(self) -> dict[type, type]:
+        for entry in list(self._optional):  # empty once every optional library was seen
+            float_cls = entry[0]()
+            if float_cls is not None:
+                self._classes.setdefault(float_cls, entry[1])
+                self._optional.remove(entry)
+        return self._classes
+
+    def __getitem__(self, key):
+        return self._sync()[key]
+
+    def __setitem__(self, key, value):
+        self._sync()[key] = value
+
+    def __delitem__(self, key):
+        del self._sync()[key]
+
+    def __iter__(self):
+        return iter(list(self._sync()))
+
+    def __len__(self):
+        return len(self._sync())
+
+    def __contains__(self, key):
+        return key in self._sync()
+
+    def __repr__(self):
+        return repr(self._sync())
+
+
+_TRANSFORMERS = ((transformers_conv1d, Conv1DQAT),)
 # float layer class -> its QAT module; to_qat converts these by default
-QAT_CLASSES: dict[type, type] = {
+QAT_CLASSES: QATClassRegistry = QATClassRegistry({
     nn.Linear: LinearQAT, nn.Conv1d: Conv1dQAT, nn.Conv2d: Conv2dQAT, nn.Conv3d: Conv3dQAT,
     nn.ConvTranspose1d: ConvTranspose1dQAT, nn.ConvTranspose2d: ConvTranspose2dQAT,
     nn.ConvTranspose3d: ConvTranspose3dQAT,
-}
+}, _TRANSFORMERS)
 # converted only when asked for with layer_types (weight-only quantization of embedding tables)
 OPTIONAL_QAT_CLASSES: dict[type, type] = {nn.Embedding: EmbeddingQAT}
 # the registry: every float class a QAT class exists for (to_qat's layer_types choose among these)
-ALL_QAT_CLASSES: dict[type, type] = {**QAT_CLASSES, **OPTIONAL_QAT_CLASSES}
+ALL_QAT_CLASSES: QATClassRegistry = QATClassRegistry({**QAT_CLASSES, **OPTIONAL_QAT_CLASSES}, _TRANSFORMERS)
+
+
+def class_label(cls: type) -> str:
+    """A float layer class as messages name it: nn.Linear, transformers.pytorch_utils.Conv1D, ..."""
+    if cls.__module__.startswith("torch.nn"):
+        return f"nn.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class UnconvertedLayerWarning(UserWarning):
+    """to_qat met weight-bearing layers of a type no QAT layer exists for: they stay float."""
+
 
 @dataclass
 class ConversionSummary:
-    """What `to_qat` did. `converted` maps each qualified name to the config it got."""
+    """What `to_qat` did. `converted` maps each qualified name to the config it got.
+
+    `left_float` maps every module that holds parameters of its own and stays float to the reason
+    (no QAT layer for its type, skip list, not in layer_types, subclass, ...); `skipped` is the
+    part of it among the convertible layer types. `float_params` of the model's `weight_params`
+    (parameters of the float model, each shared tensor once) stay float: `float_share`.
+    """
 
     converted: dict[str, QATConfig] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stayed float
     overridden: dict[str, str] = field(default_factory=dict)  # name -> the override key that won
     batchnorm: Any = None  # the BatchNormFolding of to_qat(..., fold_batchnorm=True), else None
+    left_float: dict[str, str] = field(default_factory=dict)  # every float module with parameters -> why
+    float_params: int = 0
+    weight_params: int = 0
+
+    @property
+    def float_share(self) -> float:
+        """The fraction of the model's weight parameters that stays float (0.0 for a model without any)."""
+        return self.float_params / self.weight_params if self.weight_params else 0.0
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layer(s) to QAT modules"
@@ -64,15 +134,20 @@ class ConversionSummary:
             if name in self.overridden:
                 how += f"  [override {self.overridden[name]}]"
             lines.append(f"  {name}: {how}")
-        for name, why in self.skipped.items():
+        for name, why in self.left_float.items():
             lines.append(f"  {name}: left as is ({why})")
+        if self.weight_params:
+            lines.append(f"left float: {100 * self.float_share:.1f}% of the model's weight parameters "
+                         f"({self.float_params} of {self.weight_params})")
         if self.batchnorm is not None:
             lines.append(str(self.batchnorm))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {"converted": {n: c.to_dict() for n, c in self.converted.items()},
-                "skipped": dict(self.skipped), "overridden": dict(self.overridden)}
+                "skipped": dict(self.skipped), "overridden": dict(self.overridden),
+                "left_float": dict(self.left_float), "float_params": self.float_params,
+                "weight_params": self.weight_params}
 
 
 def _key_text(key) -> str:
@@ -127,9 +202,14 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
     fold_batchnorm: first fold every BatchNorm that directly follows a conv into it
         (amct_pytorch.fold_batchnorm; the result is `summary.batchnorm`, BatchNorms left
         float are listed there and warned about).
-    Everything is validated before the model is touched. Weights and biases are shared
+    Everything is validated before the model is touched (a bf16/fp16 layer, or an existing QAT
+    layer with another config, is an error naming it). Weights and biases are shared
     with the original layers (the same Parameter objects), so an optimizer built before
-    conversion still sees them. A layer registered under several names is converted
+    conversion still sees them, but not the clip bounds and weight scales created here: add
+    those with `amct_pytorch.add_qat_params(optimizer, model)` (a warning names them when they
+    get gradients over several steps in no optimizer). `summary.left_float` lists every module
+    with parameters that stays float and why; weight-bearing layers of types without a QAT
+    layer (RNNs, nn.Bilinear, ...) are warned about once (UnconvertedLayerWarning). A layer registered under several names is converted
     once and replaced at every name (it is reported under its first name).
     """
     if not isinstance(model, nn.Module):
@@ -153,7 +233,7 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         bad = [t for t in layer_types if t not in ALL_QAT_CLASSES]
         if bad or not layer_types:
             raise ValueError(f"layer_types: {bad or layer_types!r} not supported; allowed: "
-                             f"{', '.join('nn.' + t.__name__ for t in ALL_QAT_CLASSES)}")
+                             f"{', '.join(class_label(t) for t in ALL_QAT_CLASSES)}")
 
     rules = []  # (key, selector, config, is_layer_object)
     for key, cfg in overrides.items():
@@ -171,11 +251,13 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         first_name.setdefault(id(mod), name)
     summary = ConversionSummary()
     linear_names = []  # convertible candidates, each once
+    already = []  # (name, module) of QAT layers of the chosen types: a second to_qat
     for _, _, name, mod in sites:
         if first_name[id(mod)] != name or not isinstance(mod, layer_types):
             continue
         if isinstance(mod, QATLayer):
             summary.skipped[name] = f"already a {type(mod).__name__}"
+            already.append((name, mod))
         elif type(mod) not in layer_types:
             base = next(t for t in layer_types if isinstance(mod, t))
             summary.skipped[name] = f"subclass {type(mod).__name__} of nn.{base.__name__} is not converted"
@@ -199,6 +281,26 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         cfg = winner[1] if winner else global_cfg
         plan[id(mod)] = (name, cfg, _key_text(winner[0]) if winner else None)
     names = [n for n, _ in linear_names]
+    for name, mod in already:  # a second to_qat never reconfigures a layer silently
+        matched = [(k, c, is_obj) for k, sel, c, is_obj in rules if sel(name, mod)]
+        winner = None
+        for k, c, is_obj in matched:
+            if winner is None or is_obj or not winner[2]:
+                winner = (k, c, is_obj)
+        used.update(id(k) for k, _, _ in matched)
+        want = winner[1] if winner else global_cfg
+        have = mod.config
+        if getattr(mod, "_switched_off", False):  # disable_quantization's switch is not a config change
+            have = dataclasses.replace(have, retrain_enable=True)
+        if have != want and not any(sel(name, mod) for _, sel in skips):
+            raise ValueError(f"{name}: is already a {type(mod).__name__} with another config ({have.to_dict()}); "
+                             f"a second to_qat does not reconfigure it (asked: {want.to_dict()}). Skip it "
+                             "(skip=[...]), or call to_float(model) first and convert again")
+    for name, mod in linear_names:
+        if mod.weight.dtype != torch.float32:
+            raise TypeError(f"{name}: weight dtype {mod.weight.dtype}; QAT layers keep float32 master weights: "
+                            "call model.float() before to_qat (train with torch.autocast for "
+                            f"{mod.weight.dtype} compute)")
     for key, _ in skips:
         if id(key) not in used:
             raise _no_match(key, "skip", names)
@@ -226,7 +328,54 @@ def to_qat(model: nn.Module, config: Any = None, *, overrides: Mapping | None = 
         if winner is not None:
             summary.overridden[name] = winner
     summary.batchnorm = folding
+    _account_float_weights(model, summary, layer_types)
+    watch_qat_params({n: p for n, p in qat_parameters(model).items() if n.rsplit(".", 1)[0] in summary.converted})
     return summary
+
+
+def _float_reason(mod: nn.Module, layer_types: tuple) -> tuple[str, bool]:
+    """(why `mod`, holding parameters, is not converted; whether no QAT layer exists for its type)."""
+    family = next((t for t in ALL_QAT_CLASSES if isinstance(mod, t)), None)
+    if family is None:
+        return f"no QAT layer for {class_label(type(mod))}", True
+    if type(mod) is not family:
+        return f"subclass {type(mod).__name__} of {class_label(family)} is not converted", False
+    return (f"{class_label(family)} is not in layer_types (converted only with "
+            f"layer_types=[*QAT_CLASSES, {class_label(family)}])"), False
+
+
+def _account_float_weights(model: nn.Module, summary: ConversionSummary, layer_types: tuple) -> None:
+    """Fill summary.left_float / float_params / weight_params, and warn once about weight-bearing
+    layers of types no QAT layer exists for."""
+    qat_ids = _qat_param_ids(model)
+    weight_params = sum(p.numel() for p in model.parameters() if id(p) not in qat_ids)
+    float_params, unconvertible, seen = 0, [], set()
+    for name, mod in model.named_modules():
+        own = [p for p in mod.parameters(recurse=False) if id(p) not in seen]
+        if isinstance(mod, QATLayer) or not list(mod.parameters(recurse=False)):
+            seen.update(id(p) for p in mod.parameters(recurse=False))
+            continue
+        seen.update(id(p) for p in own)
+        float_params += sum(p.numel() for p in own)
+        if name not in summary.skipped:
+            why, unsupported = _float_reason(mod, layer_types)
+            summary.left_float[name] = why
+            if unsupported and any(p.dim() >= 2 for p in mod.parameters(recurse=False)):
+                unconvertible.append((name, mod, sum(p.numel() for p in own)))
+        else:
+            summary.left_float[name] = summary.skipped[name]
+    summary.float_params, summary.weight_params = float_params, weight_params
+    if unconvertible:
+        shown = ", ".join(f"{class_label(type(m))} ({n})" for n, m, _ in unconvertible[:8])
+        more = f", ... ({len(unconvertible)} in all)" if len(unconvertible) > 8 else ""
+        share = sum(c for *_, c in unconvertible) / weight_params if weight_params else 0.0
+        warnings.warn(f"to_qat: no QAT layer exists for these weight-bearing layers, they stay float: {shown}{more} "
+                      f"({100 * share:.1f}% of the model's weight parameters); the summary's left_float lists "
+                      "every float layer", UnconvertedLayerWarning, stacklevel=3)
+
+
+def _qat_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for p in qat_parameters(model).values()}
 
 
 def to_float(model: nn.Module) -> list[str]:
@@ -330,7 +479,9 @@ def calibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = Non
     num_batches: how many batches to run; default: the largest `batch_num` among the
         layers still calibrating (at least 1). Running more just repeats no-op updates.
     The model's train/eval modes are restored afterwards. Returns the batches run.
-    Raises ValueError if the data ran out before every layer finished calibrating.
+    Raises ValueError if the data ran out before every layer the forward called finished
+    calibrating; layers the forward never called are named in a warning. A tuple batch the
+    model does not take as positional arguments is a TypeError pointing to `forward=`.
     """
     layers = _require_layers(model, "calibrate")
     if num_batches is None:
@@ -345,24 +496,53 @@ def calibrate(model: nn.Module, data: Iterable, *, num_batches: int | None = Non
     modes = {m: m.training for m in model.modules()}
     model.eval()
     done = 0
+    reached: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: reached.add(name))
+             for name, m in layers.items()]
     try:
         bar = _progress(total=num_batches, desc="calibrating", unit="batch", disable=not progress)
         with bar, torch.no_grad(), calibrating():
             for batch in data:
-                run(model, batch)
+                if done == 0 and forward is None:
+                    _first_call(model, batch)
+                else:
+                    run(model, batch)
                 done += 1
                 bar.update(1)
                 if done >= num_batches:
                     break
     finally:
+        for h in hooks:
+            h.remove()
         for m, mode in modes.items():
             m.training = mode
     missing = [n for n, m in layers.items() if m.config.retrain_enable and not m.is_calibrated]
-    if missing:
-        raise ValueError(f"data: ran out after {done} batch(es) but {len(missing)} layer(s) still need "
-                         f"calibration batches (e.g. {missing[0]}, batch_num="
-                         f"{layers[missing[0]].config.retrain_data_config.batch_num})")
+    never = [n for n in missing if n not in reached]
+    short = [n for n in missing if n in reached]
+    if never and done:
+        warnings.warn(f"calibrate: {len(never)} QAT layer(s) were never called by the model's forward on these "
+                      f"{done} batch(es), so they stay uncalibrated: {', '.join(never[:8])}"
+                      f"{', ...' if len(never) > 8 else ''}. Calibrate them with data (or a forward=) that reaches "
+                      "them, or skip them in to_qat; export_onnx needs only the layers its forward uses",
+                      UserWarning, stacklevel=2)
+    if short or (missing and not done):
+        first = (short or missing)[0]
+        raise ValueError(f"data: ran out after {done} batch(es) but {len(short or missing)} layer(s) still need "
+                         f"calibration batches (e.g. {first}, batch_num="
+                         f"{layers[first].config.retrain_data_config.batch_num})")
     return done
+
+
+def _first_call(model, batch):
+    """The first batch: a tuple/list batch the model does not take as positional arguments points to `forward=`."""
+    try:
+        _call(model, batch)
+    except TypeError as err:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise
+        raise TypeError(f"calibrate: model(*batch) failed for a batch of {len(batch)} items "
+                        f"({type(batch).__name__}): {err}. A DataLoader of (inputs, labels) needs "
+                        "forward=lambda model, batch: model(batch[0])") from err
 
 
 def _progress(**kwargs):

@@ -35,7 +35,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
 from .config import parse_config  # noqa: E402
-from .convert import ALL_QAT_CLASSES, qat_layers, to_qat  # noqa: E402
+from .convert import ALL_QAT_CLASSES, class_label, qat_layers, to_qat  # noqa: E402
 from .nn.module.quantization.base import QATModuleMixin  # noqa: E402
 
 QUANT_METHOD = "amct_qat"
@@ -141,7 +141,7 @@ def _resolve_layers(model: nn.Module, saved: dict[str, dict]) -> dict[str, dict]
         raise ValueError(f"{QUANT_METHOD}: the quantization_config lists {len(missing)} layer(s) the model does not "
                          f"have, e.g. {missing[0]!r}; was it saved from another architecture?")
     if wrong:
-        allowed = ", ".join("nn." + t.__name__ for t in ALL_QAT_CLASSES)
+        allowed = ", ".join(class_label(t) for t in ALL_QAT_CLASSES)
         raise ValueError(f"{QUANT_METHOD}: the quantization_config lists layer(s) that cannot be converted: "
                          f"{'; '.join(wrong)} (convertible: exact {allowed})")
     return resolved

@@ -24,7 +24,9 @@ _QUANT_KEYS = ("act_bits", "weight_bits", "channel_wise", "weights_retrain_algo"
 
 def _shape_record(m) -> dict:
     """The layer's identity: in/out features for a linear (the first release's keys; group-wise
-    weight scales add `group_size`), and for a conv its class, channels, kernel size and groups."""
+    weight scales add `group_size`), for transformers' Conv1D its class, nx and nf, and for a conv its class, channels, kernel size and groups."""
+    if hasattr(m, "nf") and hasattr(m, "nx"):  # transformers' Conv1D: weight (nx, nf)
+        return {"layer_type": type(m).__name__, "nx": m.nx, "nf": m.nf}
     if hasattr(m, "in_features"):
         group = m.config.retrain_weight_config.group_size
         return {"in_features": m.in_features, "out_features": m.out_features,

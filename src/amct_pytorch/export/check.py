@@ -29,8 +29,15 @@ import numpy as np
 from .matmulnbits import matmulnbits_codes
 from .onnx_graph import OnnxGraph, attr
 from .ort import autocast_off, flat_outputs, ort_session
+from ..convert import quantized_layers
+from ..nn.module.quantization.base import QATModuleMixin
+from ..saturation import pair_violations
 
 U32 = 2.0**-24  # unit roundoff of float32
+# the float ops between quantized layers (LayerNorm, softmax, GELU, residual adds, ...) are compared
+# with this tolerance, relative to the tensor's largest magnitude: two float32 kernels of such ops
+# differ in the last bits, far below it; a missing, extra or wrong op differs by far more
+FLOAT_OPS_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,40 @@ def check_layers(proto, sites, values: dict[str, np.ndarray]) -> list[LayerCheck
     return results
 
 
+def saturating_pairs(proto, sites) -> None:
+    """Raise ArtifactCheckError naming the first layer whose stored int8 weight codes hold a pair
+    that ORT's u8s8 kernel can saturate on x86 CPUs without VNNI (amct_pytorch.saturation): such an
+    artifact is wrong there even when it is right on this CPU, so this part of the check does not
+    depend on the CPU it runs on."""
+    from onnx import TensorProto  # optional dependency
+
+    g = OnnxGraph(proto.graph)
+    prod = _producer(proto)
+    for s in sites:
+        op = s.node
+        if op.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        dq = prod.get(op.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in g.consts:
+            continue
+        if g.consts[dq.input[0]].data_type != TensorProto.INT8 or attr(dq, "block_size", 0):
+            continue  # uint8 (exact u8u8), INT4, or blocked codes (dequantized, then a float MatMul)
+        codes = g.array(dq.input[0])
+        order = {"MatMul": "matmul", "Conv": "conv"}.get(op.op_type)
+        if op.op_type == "Gemm":
+            order = "linear" if attr(op, "transB", 0) else "matmul"
+        groups = int(attr(op, "group", 1)) if op.op_type == "Conv" else 1
+        where = pair_violations(codes, order, groups)
+        if len(where):
+            k, k1, n = (int(v) for v in where[0])
+            raise ArtifactCheckError(
+                f"layer {s.layer!r} ({op.op_type}) stores int8 weight codes with {len(where)} pair(s) that saturate "
+                f"ONNX Runtime's u8s8 kernel on x86 CPUs without VNNI (first: positions {k}, {k1} of output {n} in "
+                "the kernel's reduction order): the artifact computes wrong values there, whatever this CPU shows. "
+                "Export with int8_storage='auto' (the default: such layers are stored as uint8 + 128), or train "
+                "with retrain_weight_config.kernel_grid (docs/export.md, \"Exact on every CPU\").")
+
+
 class ArtifactCheckError(RuntimeError):
     """The exported artifact does not compute what the model computes (the message names the layer)."""
 
@@ -262,6 +303,7 @@ def check_artifact(model, path, folded, input_sets, *, session_options=None, ato
 
     proto = onnx.load(path)
     sites = find_sites(proto, folded)
+    saturating_pairs(proto, sites)
     plain = ort_session(path, session_options)
     probe_proto = instrumented(proto, sites)
     probe = ort_session_from_proto(probe_proto, session_options)
@@ -286,6 +328,7 @@ def check_artifact(model, path, folded, input_sets, *, session_options=None, ato
                     f"{path}: ONNX Runtime computes output {n!r} differently when the layers' intermediate values "
                     f"are read out (max abs {float(np.max(np.abs(a - b))):.3g}): it chose other kernels or "
                     "rewrites for the plain graph, so the artifact cannot be verified layer by layer")
+        _check_float_segments(model, path, sites, values, inputs, final_names)
         checks = check_layers(proto, sites, values)
         bad = next((c for c in checks if not c.ok), None)
         if bad is not None:
@@ -303,6 +346,63 @@ def check_artifact(model, path, folded, input_sets, *, session_options=None, ato
             "rounding ties propagated through the model (docs/export.md, \"Rounding ties\") or from float ops "
             "outside the quantized layers")
     return worst_diff, tuple(layers)
+
+
+def _check_float_segments(model, path, sites, values, inputs, final_names) -> None:
+    """The model's float parts against ORT's: run the PyTorch model with every quantized layer's output
+    replaced by ORT's (forward hooks), so that everything between quantized layers, and after the last,
+    is computed by PyTorch from ORT's own values; then each layer's input and the final outputs must
+    agree with ORT's to FLOAT_OPS_RTOL. Skipped when a layer cannot be matched to one module call
+    (e.g. the TorchScript exporter's initializer names, or a module called twice)."""
+    import torch
+
+    modules = dict(model.named_modules())
+    named = [modules.get(s.layer) for s in sites]
+    by_name = all(isinstance(m, QATModuleMixin) for m in named) and len({id(m) for m in named}) == len(named)
+    site_of = {id(m): s for m, s in zip(named, sites)} if by_name else {}
+    calls: list = []  # (module, its input, the site it was matched to)
+    failed = []
+
+    def hook(mod, args, out):
+        # by name (dynamo's initializer names are module paths), else by call order = graph order
+        site = site_of.get(id(mod)) if by_name else (sites[len(calls)] if len(calls) < len(sites) else None)
+        if site is None or values[site.y].size != out.numel():
+            failed.append(mod)
+            return out
+        calls.append((mod, args[0].detach(), site))
+        return torch.from_numpy(np.ascontiguousarray(values[site.y])).reshape(out.shape).to(out.dtype)
+
+    names = {id(m): n for n, m in quantized_layers(model).items()}
+    handles = [m.register_forward_hook(hook) for m in quantized_layers(model).values()]
+    try:
+        with torch.no_grad(), autocast_off():
+            replay = flat_outputs(model(*inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    if failed or len(calls) != len(sites) or len({id(s) for _, _, s in calls}) != len(sites):
+        return  # a layer called twice, or one that the graph does not show as one site: cannot replay
+    for mod, x, s in calls:
+        s.layer = names[id(mod)]  # messages name the module (TorchScript's initializer names do not)
+    for mod, x, s in calls:
+        _same_float(x.cpu().numpy(), values[s.x],
+                    f"the input of layer {s.layer!r} (the float ops before it, computed from ORT's values)", path)
+    for name, want in zip(final_names, replay):
+        _same_float(want, values[name], f"output {name!r} (the float ops after the last quantized layer)", path)
+
+
+def _same_float(torch_value, ort_value, what, path) -> None:
+    a, b = np.asarray(torch_value, dtype=np.float64), np.asarray(ort_value, dtype=np.float64)
+    if a.size != b.size:
+        raise ArtifactCheckError(f"{path}: {what} has {b.size} values in ONNX Runtime, {a.size} in PyTorch")
+    a, b = a.reshape(-1), b.reshape(-1)
+    tol = FLOAT_OPS_RTOL * max(float(np.max(np.abs(a))) if a.size else 0.0, np.finfo(np.float32).tiny)
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    if not diff <= tol:
+        raise ArtifactCheckError(
+            f"{path}: {what} differs between ONNX Runtime and PyTorch by {diff:.3g} (max abs), above "
+            f"{FLOAT_OPS_RTOL:g} of its largest magnitude ({tol:.3g}): the exported graph does not compute the "
+            "model's float ops there (a dropped or rewritten op, or a forward that differs under export)")
 
 
 def ort_session_from_proto(proto, session_options=None):

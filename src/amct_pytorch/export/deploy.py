@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..convert import quantized_layers
 from ..functional import WeightLayout, scale_view
 from ..nn.module.quantization.qdq import module_qparams
+from .storage import UINT8_ZERO_POINT, as_uint8, check_storage, choose_storage
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,11 @@ class DeployedLayer:
     """One QAT module as an integer runtime sees it, e.g. for a linear:
     y = (x_q - act_offset)·act_scale @ (weight·weight_scale)ᵀ + bias (a conv: the same codes in its op).
 
-    `weight` holds the integer codes as int8 (INT4 codes, in [-8, 7], also live in int8), shaped
-    like the float weight; the weight zero point is 0. `weight_scale` has shape (1,) or
+    `weight` holds the integer codes as the artifact stores them, shaped like the float weight:
+    int8 with zero point 0 (INT4 codes, in [-8, 7], also live in int8), or, for an INT8 layer whose
+    codes could saturate ORT's u8s8 kernel on CPUs without VNNI, uint8 codes + 128 with
+    `weight_zero_point` 128 (`storage` says which and `storage_reason` why; export/storage.py).
+    `codes()` gives the signed codes either way. `weight_scale` has shape (1,) or
     (out_channels,); `layout` says how it maps onto the weight (None: rows, dim 0).
     """
 
@@ -30,9 +34,16 @@ class DeployedLayer:
     act_bits: int
     bias: torch.Tensor | None
     layout: WeightLayout | None = None
+    weight_zero_point: int = 0
+    storage: str = "int8"
+    storage_reason: str = ""
+
+    def codes(self) -> torch.Tensor:
+        """The signed integer codes (int8), whatever the storage."""
+        return (self.weight.to(torch.int16) - self.weight_zero_point).to(torch.int8)
 
     def dequantized_weight(self) -> torch.Tensor:
-        codes = self.weight.to(torch.float32)
+        codes = self.codes().to(torch.float32)
         if self.weight_scale.numel() == 1:
             return codes * self.weight_scale.reshape(())
         view = codes.reshape(self.layout.view) if self.layout is not None else codes.reshape(codes.shape[0], -1)
@@ -43,16 +54,22 @@ DeployedLinear = DeployedLayer  # the name of the first release
 
 
 @torch.no_grad()
-def deploy_view(model: nn.Module) -> dict[str, DeployedLayer]:
-    """The integer weights and factors of every calibrated QAT module in `model`, by module name."""
+def deploy_view(model: nn.Module, *, int8_storage: str = "auto") -> dict[str, DeployedLayer]:
+    """The integer weights and factors of every calibrated QAT module in `model`, by module name,
+    stored as `export_onnx(..., int8_storage=...)` stores them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_storage(int8_storage)
     view = {}
     for name, m in quantized_layers(model).items():
         q = module_qparams(m)
         layout = m.weight_layout()
+        codes = m.weight_codes()  # the trained codes (on a kernel grid: pair-capped or 7-bit)
+        storage, why, zero_point = _storage(m, codes, q.weight_bits, int8_storage)
+        if storage == "uint8":
+            codes = torch.from_numpy(as_uint8(codes.cpu().numpy())).to(codes.device)
         view[name] = DeployedLayer(
-            weight=m.weight_codes(),  # the trained codes (on a kernel grid: pair-capped or 7-bit)
+            weight=codes,
             weight_scale=q.weight_scale,
             weight_bits=q.weight_bits,
             act_scale=float(q.act_scale),
@@ -60,5 +77,24 @@ def deploy_view(model: nn.Module) -> dict[str, DeployedLayer]:
             act_bits=q.act_bits,
             bias=None if m.bias is None else m.bias.detach().clone(),
             layout=layout,
+            weight_zero_point=zero_point,
+            storage=storage,
+            storage_reason=why,
         )
     return view
+
+
+def _storage(m, codes, bits, int8_storage):
+    """(storage, why, zero point) of a module's codes, as the export's fold pass decides it."""
+    if bits == 4:
+        return "int4", "INT4 codes (|q| <= 8) cannot saturate", 0
+    if m.config.retrain_weight_config.group_size is not None:
+        return "int8", "blocked codes behind a DequantizeLinear: ORT dequantizes, then a float MatMul", 0
+    if getattr(m, "transposed", False):
+        order, groups = None, 1
+    elif hasattr(m, "in_channels"):
+        order, groups = "conv", m.groups
+    else:
+        order, groups = "linear", 1
+    storage, why = choose_storage(codes.cpu().numpy(), order, groups, int8_storage)
+    return storage, why, UINT8_ZERO_POINT if storage == "uint8" else 0

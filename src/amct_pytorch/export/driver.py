@@ -24,23 +24,26 @@ import torch
 import torch.nn as nn
 
 from ..convert import qat_layers, quantized_layers
+from ..nn.module.quantization.base import CalibrationSkippedWarning
 from ..nn.module.quantization.qdq import check_exportable, int32_bias, kernel_grid_weights
 from ..ops import INT4_OPSET, onnx_translations
 from ..runtime import pinned_qparams
 from .onnx_graph import FoldedWeight
 from .check import LayerCheck, check_artifact
+from .storage import check_storage
 from .ort import autocast_off
 from .passes import (GROUP_WISE_INT4_FORMS, fold_weight_quantizers, keep_relu_before_int4_quantizers,
                      static_dim_params, unshare_activation_quantizers)
 
 
-def _pinned(model: nn.Module):
-    """Export with the factors as constants computed here, from the real parameters.
+def _pinned(model: nn.Module, used: set[int]):
+    """Export with the factors as constants computed here, from the real parameters, for the QAT
+    layers the exported forward calls (`used`: their ids).
 
     torch.export traces with fake parameters, so without this the factors are computed inside
     the graph from the parameters (the exporter folds them into constants only for small weights).
     """
-    layers = [m for m in qat_layers(model).values() if m.config.retrain_enable]
+    layers = [m for m in qat_layers(model).values() if m.config.retrain_enable and id(m) in used]
     return _pinned_then_kernel_grid(pinned_qparams({id(m): m.export_constants() for m in layers}), layers)
 
 
@@ -50,6 +53,30 @@ def _pinned_then_kernel_grid(pinned, layers):
     replaced by their trained ŵ for the export (qdq.kernel_grid_weights)."""
     with pinned, kernel_grid_weights(layers):
         yield
+
+
+def _called_layers(model: nn.Module, inputs) -> set[int]:
+    """The ids of the QAT layers one eval forward on `inputs` calls (forward pre-hooks; eval mode and
+    no_grad change no state). Export needs only these calibrated."""
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))) for m in qat_layers(model).values()]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationSkippedWarning)
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return called
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a `torch.compile`d one wraps (`OptimizedModule._orig_mod`), else `model` itself:
+    export traces the plain module, never the compiled wrapper."""
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return orig
+    return model
 
 
 @contextlib.contextmanager
@@ -102,12 +129,69 @@ def _auto_shapes(inputs, pinned):
     return tuple({d: auto for d in range(t.dim()) if d not in pin} for t, pin in zip(inputs, pinned))
 
 
-def _torch_export(model, inputs, shapes):
-    """torch.export of the export-time forward (non-strict, as torch.onnx.export's first try), or None."""
+def _trace_errors() -> tuple[type[BaseException], ...]:
+    """What non-strict torch.export raises when it cannot trace a model (unsupported Python, data-dependent
+    shapes or control flow, ops without a fake kernel): the cases torch.onnx.export's own fallbacks
+    (strict export, draft export, TorchScript) are for. A model's own error is not among them."""
+    from torch._dynamo import exc  # torch internals, loaded on use
+    from torch._subclasses import fake_tensor
+    from torch.fx.experimental import symbolic_shapes
+
+    return (exc.Unsupported, exc.UserError, exc.TorchRuntimeError, symbolic_shapes.GuardOnDataDependentSymNode,
+            fake_tensor.DataDependentOutputException, fake_tensor.DynamicOutputShapeException,
+            fake_tensor.UnsupportedOperatorException)
+
+
+def _torch_export(model, inputs, shapes, explicit: bool = False):
+    """torch.export of the export-time forward (non-strict, as torch.onnx.export's first try), or None
+    when it cannot trace the model (torch.onnx.export then tries its own ways, and reports).
+
+    explicit: `shapes` is the user's dynamic_shapes: torch.export not honouring them is an error
+    carrying torch's reason, never a silent fallback to other shapes."""
     try:
         return torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
-    except Exception:  # noqa: BLE001 - torch.onnx.export then tries its own ways (and reports)
+    except _trace_errors() as err:
+        if explicit:
+            raise ValueError(f"dynamic_shapes: torch.export cannot keep them: {_reason(err)}") from err
         return None
+
+
+def _reason(err: BaseException, limit: int = 1200) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _static_dims_that_vary(model, inputs, program, pinned) -> list[tuple[int, int]]:
+    """(input, dim) of every dim the automatic shapes left to torch.export that came out static although
+    the model also runs with another size there (one eval forward per such dim, that dim grown by one)."""
+    dims = _dynamic_dims(program)
+    found = []
+    for i, (t, pin) in enumerate(zip(inputs, pinned)):
+        for d in range(t.dim()):
+            if d in pin or d in dims[i] or t.shape[d] < 2:  # size 1: _warn_size_one already said so
+                continue
+            grown = torch.cat([t, t.narrow(d, t.shape[d] - 1, 1)], dim=d)
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model(*inputs[:i], grown, *inputs[i + 1:])
+            except Exception:  # noqa: BLE001 - any error means the model pins this dim (a feature dim)
+                continue
+            found.append((i, d))
+    return found
+
+
+def _specialization_reason(model, inputs, pinned, dims) -> str:
+    """torch.export's own account of why these dims became static: the same export with Dim.DYNAMIC
+    there, which raises instead of specializing."""
+    shapes = _auto_shapes(inputs, pinned)
+    for i, d in dims:
+        shapes[i][d] = torch.export.Dim.DYNAMIC
+    try:
+        torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
+    except _trace_errors() as err:
+        return _reason(err, 600)
+    return "torch.export specialized it"
 
 
 def _dynamic_dims(program) -> list[list[int]] | None:
@@ -145,6 +229,7 @@ class ExportResult:
     max_abs_diff: float | None  # ORT vs PyTorch eval on the checked inputs; None when check=False
     folded_weights: tuple[FoldedWeight, ...] = ()  # the weights stored as integer codes
     dynamic_dims: tuple[tuple[str | int, ...], ...] = ()  # per ONNX input: dim_param names / fixed sizes
+    dynamic_axes: tuple[tuple[int, ...], ...] = ()  # per ONNX input: the indices of its dynamic dims
     layer_checks: tuple[LayerCheck, ...] = ()  # each quantized layer as ORT ran it (check=True)
 
 
@@ -164,7 +249,8 @@ BIAS_MODES = ("float", "int32")
 def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, check: bool = True,
                 atol: float | None = None, dynamic: bool = True, static_dims=None, dynamic_shapes=None,
                 integer_weights: bool = True, bias: str = "float", session_options=None,
-                check_inputs=None, group_wise_int4: str = "matmulnbits") -> ExportResult:
+                check_inputs=None, group_wise_int4: str = "matmulnbits",
+                int8_storage: str = "auto") -> ExportResult:
     """Export `model` (eval mode, QAT layers calibrated) to ONNX QDQ and check it in ONNX Runtime.
 
     Shapes: with `dynamic`, every input dimension the model lets vary is dynamic (batch,
@@ -188,6 +274,7 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_compiled(model)
     inputs = _as_input_tuple(example_inputs)
     extra = [_as_input_tuple(c) for c in (check_inputs or ())]
     if not isinstance(path, (str, os.PathLike)):
@@ -199,14 +286,17 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
         raise ValueError(f"bias: expected one of {BIAS_MODES}, got {bias!r}")
     if group_wise_int4 not in GROUP_WISE_INT4_FORMS:
         raise ValueError(f"group_wise_int4: expected one of {GROUP_WISE_INT4_FORMS}, got {group_wise_int4!r}")
+    check_storage(int8_storage)
     if dynamic_shapes is not None and not dynamo:
         raise ValueError("dynamic_shapes: is torch.export's argument (dynamo=True); with dynamo=False use "
                          "static_dims, or torch.onnx.export(..., dynamic_axes=...) directly")
     if model.training:
         raise RuntimeError("model: is in training mode; call model.eval() before export_onnx")
     layers = list(quantized_layers(model).items())
-    for _, m in layers:
-        check_exportable(m)
+    used = _called_layers(model, inputs)  # an uncalibrated layer the exported forward never calls is no obstacle
+    layers = [(n, m) for n, m in layers if id(m) in used]
+    for name, m in layers:
+        check_exportable(m, name)
     has_int4 = any(4 in (m.config.retrain_data_config.num_bits, m.config.retrain_weight_config.num_bits)
                    for _, m in layers)
     has_blocks = any(m.config.retrain_weight_config.group_size is not None for _, m in layers)
@@ -226,8 +316,18 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
         _warn_size_one(inputs, shapes)
         program = None
         if dynamo or shapes is not None:
-            with _pinned(model):
-                program = _torch_export(model, inputs, shapes)
+            with _pinned(model, used):
+                program = _torch_export(model, inputs, shapes, explicit=dynamic_shapes is not None)
+                if program is not None and dynamic_shapes is None and shapes is not None:
+                    fixed = _static_dims_that_vary(model, inputs, program, pinned)
+                    if fixed:
+                        where = ", ".join(f"{names[i]} dim {d} (size {inputs[i].shape[d]} in the example)"
+                                          for i, d in fixed)
+                        warnings.warn(
+                            f"export_onnx: {where} became static in the exported graph although the model runs "
+                            f"with other sizes there; ONNX Runtime will refuse other sizes. torch.export's reason: "
+                            f"{_specialization_reason(model, inputs, pinned, fixed)}. Pin it knowingly with "
+                            "static_dims, or export another size as the example", UserWarning, stacklevel=2)
         if dynamo:
             kwargs.update(verbose=False, external_data=False, custom_translation_table=onnx_translations())
             target, args = (program, ()) if program is not None else (model, inputs)
@@ -240,17 +340,20 @@ def export_onnx(model: nn.Module, example_inputs, path, *, dynamo: bool = True, 
                 if dims is None:  # torch.export cannot trace it: the first release's rule, every dim but the last
                     dims = [[d for d in range(t.dim() - 1) if d not in pin] for t, pin in zip(inputs, pinned)]
                 kwargs["dynamic_axes"] = {n: {d: f"{n}_dim{d}" for d in ds} for n, ds in zip(names, dims)}
-        with _pinned(model):
+        with _pinned(model, used):
             torch.onnx.export(target, args, path, **kwargs)
         import onnx  # optional dependency
 
         proto = onnx.load(path)
         static_dim_params(proto)
         unshare_activation_quantizers(proto)
-        folded = tuple(fold_weight_quantizers(proto, integer=integer_weights, group_wise_int4=group_wise_int4))
+        folded = tuple(fold_weight_quantizers(proto, integer=integer_weights, group_wise_int4=group_wise_int4,
+                                              int8_storage=int8_storage))
         keep_relu_before_int4_quantizers(proto)
         onnx.save(proto, path)
-        result = ExportResult(path, None, folded, _onnx_input_dims(path))
+        dims = _onnx_input_dims(path)
+        result = ExportResult(path, None, folded, dims,
+                              tuple(tuple(d for d, v in enumerate(ds) if isinstance(v, str)) for ds in dims))
         if not check:
             return result
         diff, layer_checks = check_artifact(model, path, folded, [inputs, *extra], session_options=session_options,

@@ -96,4 +96,5 @@ def fold_matmulnbits(g, proto, q, dq, src, drop, before, dead_values) -> FoldedW
         dead_values.add(transpose.output[0])
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return FoldedWeight(src.name, name, 4, None, 1, codes.size * 4, len(init.raw_data), "matmulnbits")
+    return FoldedWeight(src.name, name, 4, None, 1, codes.size * 4, len(init.raw_data), "matmulnbits",
+                        storage="matmulnbits", reason="group-wise INT4 (codes + 8 in nibbles); float32 compute")

@@ -30,12 +30,16 @@ class FoldedWeight:
     # is the B input of a com.microsoft MatMulNBits, uint8 (N, K / block, block / 2), code + 8 per
     # nibble, low nibble first (`matmulnbits_codes` unpacks it)
     format: str = "qdq"
+    # how the codes are stored: "int8" (zero point 0), "uint8" (code + 128, zero point 128: exact on every
+    # CPU, see export/storage.py), "int4" (packed), "matmulnbits"; and why
+    storage: str = "int8"
+    reason: str = ""
 
 
 def int_grid(data_type: int) -> tuple[int, int, int] | None:
     from onnx import TensorProto  # optional dependency
 
-    return {TensorProto.INT8: (-128, 127, 8), TensorProto.INT4: (-8, 7, 4)}.get(data_type)
+    return {TensorProto.INT8: (-128, 127, 8), TensorProto.INT4: (-8, 7, 4), TensorProto.UINT8: (0, 255, 8)}.get(data_type)
 
 
 def attr(node, name, default=None):

@@ -9,6 +9,7 @@ import numpy as np
 
 from .matmulnbits import fold_matmulnbits
 from .onnx_graph import FoldedWeight, OnnxGraph, attr, blocked_codes, int_grid, set_attr, weight_codes
+from .storage import UINT8_ZERO_POINT, as_uint8, check_storage, choose_storage
 
 GROUP_WISE_INT4_FORMS = ("matmulnbits", "qdq")
 
@@ -109,7 +110,8 @@ def activation_quantizer(g: OnnxGraph, name: str):
 
 
 def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool = True,
-                           separate_conv_bias: bool = True, group_wise_int4: str = "matmulnbits") -> list[FoldedWeight]:
+                           separate_conv_bias: bool = True, group_wise_int4: str = "matmulnbits",
+                           int8_storage: str = "auto") -> list[FoldedWeight]:
     """Replace every `QuantizeLinear(float initializer) -> DequantizeLinear` by an integer initializer
     feeding the DequantizeLinear (in place on `proto`, a ModelProto).
 
@@ -126,12 +128,15 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
     Blocked (group-wise) weights: with `group_wise_int4="matmulnbits"` an INT4 linear weight and its
     MatMul / Gemm become one com.microsoft `MatMulNBits` (`matmulnbits.fold_matmulnbits`); otherwise, and for INT8
     blocks, the codes feed the blocked DequantizeLinear (`fold_blocked`).
+    INT8 codes are stored as int8, or as uint8 + 128 (zero point 128) where a pair of them could
+    saturate ORT's u8s8 kernel on CPUs without VNNI (`int8_storage`, see export/storage.py).
     Returns the folded weights (none when `integer=False`).
     """
     from onnx import TensorProto, helper, numpy_helper  # optional dependency
 
     if group_wise_int4 not in GROUP_WISE_INT4_FORMS:
         raise ValueError(f"group_wise_int4: expected one of {GROUP_WISE_INT4_FORMS}, got {group_wise_int4!r}")
+    check_storage(int8_storage)
 
     g = OnnxGraph(proto.graph)
     folded: list[FoldedWeight] = []
@@ -208,8 +213,18 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
                 before.setdefault(id(dq), []).append(helper.make_node("Cast", [name], [cast_out], to=TensorProto.INT8,
                                                                       name=g.fresh(f"{name}_cast")))
                 dq.input[0], dq.input[2] = cast_out, zp8
+                storage, reason = "int4", "INT4 codes (|q| <= 8) cannot saturate"
             else:
-                init = numpy_helper.from_array(codes, name)
+                storage, reason = choose_storage(codes, _reduction_order(g, out_name, gemm_ok, codes),
+                                                 _groups(g, out_name), int8_storage)
+                if storage == "uint8":
+                    init = numpy_helper.from_array(as_uint8(codes), name)
+                    zp_u8 = g.fresh(f"{q.input[2]}_uint8")
+                    proto.graph.initializer.append(numpy_helper.from_array(
+                        np.full(zp.shape, UINT8_ZERO_POINT, dtype=np.uint8), zp_u8))
+                    dq.input[2] = zp_u8
+                else:
+                    init = numpy_helper.from_array(codes, name)
                 dq.input[0] = name
             proto.graph.initializer.append(init)
             set_attr(dq, "axis", axis)
@@ -260,7 +275,8 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
             before.setdefault(("after", id(conv)), []).append(
                 helper.make_node("Add", [conv.output[0], b_name], [y], name=g.fresh(f"{conv.name}_bias")))
         if integer:
-            folded.append(FoldedWeight(src.name, name, bits, perm, axis, w.size * 4, len(init.raw_data)))
+            folded.append(FoldedWeight(src.name, name, bits, perm, axis, w.size * 4, len(init.raw_data),
+                                       storage=storage, reason=reason))
     nodes = []
     for node in proto.graph.node:
         if id(node) in drop:
@@ -282,6 +298,28 @@ def fold_weight_quantizers(proto, *, integer: bool = True, gemm_to_matmul: bool 
     return folded
 
 
+def _reduction_order(g: OnnxGraph, out_name: str, gemm_ok: bool, codes) -> str | None:
+    """The order in which ORT's fused integer kernel reduces the stored codes feeding `out_name`
+    (see saturation.reduction_view), or None when the consumer runs a float kernel."""
+    if gemm_ok:
+        return "matmul"  # becomes MatMul on (K, N) codes
+    user = (g.consumers.get(out_name) or [None])[0]
+    if user is None or len(user.input) < 2 or user.input[1] != out_name:
+        return None
+    if user.op_type == "MatMul" and codes.ndim == 2:
+        return "matmul"
+    if user.op_type == "Gemm" and codes.ndim == 2:
+        return "linear" if attr(user, "transB", 0) else "matmul"
+    if user.op_type == "Conv":
+        return "conv"
+    return None  # ConvTranspose and the rest: float kernels in ORT
+
+
+def _groups(g: OnnxGraph, out_name: str) -> int:
+    user = (g.consumers.get(out_name) or [None])[0]
+    return int(attr(user, "group", 1)) if user is not None and user.op_type == "Conv" else 1
+
+
 def fold_blocked(g, proto, q, dq, src):
     """A blocked (group-wise) weight Q/DQ pair -> integer initializer (packed INT4 or int8) feeding the
     same blocked DequantizeLinear (ONNX Runtime runs it as a float MatMul after dequantizing)."""
@@ -300,7 +338,9 @@ def fold_blocked(g, proto, q, dq, src):
         init = numpy_helper.from_array(codes, name)
     proto.graph.initializer.append(init)
     dq.input[0] = name
-    return FoldedWeight(src.name, name, bits, None, axis, codes.size * 4, len(init.raw_data))
+    return FoldedWeight(src.name, name, bits, None, axis, codes.size * 4, len(init.raw_data),
+                        storage="int4" if bits == 4 else "int8",
+                        reason="blocked codes behind a DequantizeLinear: ORT dequantizes, then a float MatMul")
 
 
 def static_dim_params(proto) -> None:

@@ -35,19 +35,23 @@ class QParams(NamedTuple):
 def weight_axis(module) -> int:
     """The weight dim that holds the output channels in ONNX (DequantizeLinear's axis).
 
-    Linear and conv weights: 0. Transposed conv (in, out/g, *k): 1, which is the output
+    Linear and conv weights: 0. A module may name its own (`onnx_weight_axis`, e.g. Conv1DQAT: 1). Transposed conv (in, out/g, *k): 1, which is the output
     channel only with groups=1; per-channel scales of a grouped transposed conv span two dims
     (group, dim 1) and fit no single axis, so export refuses them (see check_exportable).
     """
+    axis = getattr(module, "onnx_weight_axis", None)  # a layout of its own (Conv1DQAT's (in, out): 1)
+    if axis is not None:
+        return axis
     return 1 if getattr(module, "transposed", False) else 0
 
 
-def require_calibrated(module) -> None:
-    """Raise a clear error when `module` has no activation factors yet."""
+def require_calibrated(module, name: str | None = None) -> None:
+    """Raise a clear error when `module` has no activation factors yet (named `name`, its path in
+    the model, when given)."""
     if not module.is_calibrated:
         data = module.config.retrain_data_config
         raise RuntimeError(
-            f"{module.describe()}: activation calibration has not finished (it needs batch_num="
+            f"{name or module.describe()}: activation calibration has not finished (it needs batch_num="
             f"{data.batch_num} calibration forwards), so there is no activation "
             "scale to export. Run the calibration forwards (train mode, or inside amct_pytorch.calibrating()) "
             "or load a calibrated state_dict / quant record first."
@@ -59,17 +63,18 @@ def per_channel_fits_one_axis(module) -> bool:
                 and module.config.retrain_weight_config.channel_wise)
 
 
-def check_exportable(module) -> None:
-    """Raise a clear error when `module` cannot be exported as a faithful QDQ graph."""
-    require_calibrated(module)
+def check_exportable(module, name: str | None = None) -> None:
+    """Raise a clear error when `module` cannot be exported as a faithful QDQ graph (messages name it
+    `name`, its path in the model, when given)."""
+    require_calibrated(module, name)
     if module.training:
         raise RuntimeError(
-            f"{module.describe()}: is in training mode; call model.eval() before export "
+            f"{name or module.describe()}: is in training mode; call model.eval() before export "
             "(the exported graph is the eval-mode forward)."
         )
     if not per_channel_fits_one_axis(module):
         raise RuntimeError(
-            f"{module.describe()}: per-channel weight scales of a grouped transposed conv (groups={module.groups}) "
+            f"{name or module.describe()}: per-channel weight scales of a grouped transposed conv (groups={module.groups}) "
             "span two weight dims (group, dim 1), which no ONNX DequantizeLinear axis expresses. Use "
             "channel_wise=False for this layer, or groups=1."
         )
