@@ -251,7 +251,8 @@ def test_export_stores_the_trained_codes(cfg, tmp_path):
         name = f.source[: -len(".weight")]
         m = layers[name]
         stored = inits[f.name]
-        assert stored.dtype == np.int8
+        # the pair rule holds, so the export keeps int8 (the u8s8 kernel) instead of the uint8 fallback
+        assert stored.dtype == np.int8 and f.storage == "int8", (name, f.storage, f.reason)
         trained = m.weight_codes().numpy()
         torch_layout = stored.transpose(np.argsort(f.perm)) if f.perm is not None else stored
         np.testing.assert_array_equal(torch_layout, trained)
@@ -308,8 +309,9 @@ np.savez(sys.argv[2], **{str(i): outs[n] for i, n in enumerate(sys.argv[3:])})
 @pytest.mark.skipif(__import__("shutil").which("qemu-x86_64") is None or __import__("platform").machine() != "x86_64",
                     reason="needs qemu-user (apt-get install qemu-user) on x86-64")
 def test_kernel_grid_artifacts_exact_under_qemu_haswell(tmp_path):
-    """ORT under an emulated AVX2 CPU without VNNI: the full grid's artifact saturates (equals the u8s8
-    emulation, far from the exact sum), the pair_cap and int7 artifacts equal the exact integer sum."""
+    """ORT under an emulated AVX2 CPU without VNNI: the full grid's codes stored int8 saturate (ORT equals
+    the u8s8 emulation, far from the exact sum); the export's default stores them uint8 + 128 (exact);
+    the pair_cap and int7 artifacts stay int8 and equal the exact integer sum."""
     import os
     import subprocess
     import sys
@@ -319,15 +321,19 @@ def test_kernel_grid_artifacts_exact_under_qemu_haswell(tmp_path):
     torch.manual_seed(6)
     x = (torch.randint(0, 2, (8, 256)) * 2 - 1).float() * 3.0  # +-3: activation codes at the grid's ends
     paths, layers = [], []
-    for cfg in ({}, PAIR, INT7):
+    storages = []
+    for cfg, storage in (({}, "int8"), ({}, "auto"), (PAIR, "auto"), (INT7, "auto")):
+        torch.manual_seed(7)
         m = LinearQAT(256, 16, config=cfg)
         with torch.no_grad():
             m.weight.uniform_(-1, 1)
         _calibrated(m, x).eval()
         path = str(tmp_path / f"{len(paths)}.onnx")
-        ap.export_onnx(m, x, path, check=False)
+        res = ap.export_onnx(m, x, path, check=False, int8_storage=storage)
+        storages.append(res.folded_weights[0].storage)
         paths.append(path)
         layers.append(m)
+    assert storages == ["int8", "uint8", "int8", "int8"]
     np.savez(tmp_path / "in.npz", x=x.numpy())
     script = tmp_path / "run.py"
     script.write_text(_QEMU_RUN)
@@ -346,7 +352,8 @@ def test_kernel_grid_artifacts_exact_under_qemu_haswell(tmp_path):
         pairs = matmul_integer_to_float(x_codes, w_codes, float(s_x), float(m.weight_qparams()), int(z_x)) + bias
         # ORT: float32(acc) * float32(s_x * s_w), then the bias Add: a few float32 roundings
         tol = 4 * np.finfo(np.float32).eps * (np.abs(exact) + np.abs(bias))
-        np.testing.assert_array_less(np.abs(got[str(i)] - pairs), tol + 1e-30)  # ORT = its emulated kernel
+        if i != 1:  # int8 storage: ORT equals its emulated u8s8 kernel (uint8 storage runs the exact u8u8)
+            np.testing.assert_array_less(np.abs(got[str(i)] - pairs), tol + 1e-30)
         if i == 0:
             assert np.abs(got[str(i)] - exact).max() > 1.0  # the full grid saturates here
         else:
