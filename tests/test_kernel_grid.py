@@ -3,6 +3,12 @@ layers (config rules, forward and gradients against pair_grid's reference, 1x1 c
 the export (stored codes == trained codes, the pair rule on them, ORT and the u8s8 emulation)."""
 from __future__ import annotations
 
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -306,16 +312,12 @@ np.savez(sys.argv[2], **{str(i): outs[n] for i, n in enumerate(sys.argv[3:])})
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__("shutil").which("qemu-x86_64") is None or __import__("platform").machine() != "x86_64",
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64",
                     reason="needs qemu-user (apt-get install qemu-user) on x86-64")
 def test_kernel_grid_artifacts_exact_under_qemu_haswell(tmp_path):
     """ORT under an emulated AVX2 CPU without VNNI: the full grid's codes stored int8 saturate (ORT equals
     the u8s8 emulation, far from the exact sum); the export's default stores them uint8 + 128 (exact);
     the pair_cap and int7 artifacts stay int8 and equal the exact integer sum."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("onnxruntime")
 
     torch.manual_seed(6)

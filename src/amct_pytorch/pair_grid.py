@@ -34,7 +34,8 @@ Gradients (the same piecewise derivative for both, with round() straight-through
   so dq_a/dv_a = dq_b/dv_b = 1/2 and dq_a/dv_b = dq_b/dv_a = -1/2 (the Jacobian J of the
   Euclidean projection onto the line); where the vertex is clamped both codes are constant
   (J = 0); elsewhere J is 1 inside [qmin, qmax] and 0 where the code is clipped.
-  * weight: weight_grad="projected" (default) passes J^T g (the pair's common mode gets no
+  * weight: weight_grad="projected" (this function's default; the QAT layers default to
+    "identity", retrain_weight_config.kernel_grid_grad) passes J^T g (the pair's common mode gets no
     gradient while the cap binds; the difference does); weight_grad="identity" passes g unchanged,
     the plain straight-through rule the library's other weight quantizers use.
   * learnable (LSQ/ULQ) scale: d(s * q(w / s))/ds = q - J v, summed per scale and multiplied by
