@@ -70,6 +70,14 @@ class WeightQuantConfig:
     # Extension: None, or "Q8_0" / "Q4_0": llama.cpp's block formats (blocks of 32 along K, one fp16 scale
     # each, the format's code range; implies channel_wise=True, group_size=32 and the dst_type)
     gguf_type: str | None = None
+    # Extension (issue 19): the weight grid the codes live on. "full": every INT8 code (the seed's
+    # numerics); "pair_cap": INT8 codes whose same-sign adjacent pairs along the kernel's reduction
+    # order have |q_a| + |q_b| <= 128 (exact in ONNX Runtime's u8s8 kernel on every CPU); "int7":
+    # codes in [-64, 63]. LinearQAT and Conv1d/2d/3dQAT only; see docs/numerics.md
+    kernel_grid: str = "full"
+    # the straight-through weight gradient of a kernel grid: "identity" (as every other weight
+    # quantizer) or "projected" (the grid's Jacobian: inside a capped pair the common mode is cut)
+    kernel_grid_grad: str = "identity"
 
     @property
     def num_bits(self) -> int:
@@ -79,6 +87,11 @@ class WeightQuantConfig:
     def block_format(self) -> str | None:
         """blockwise's name of the GGUF format ("q8_0" / "q4_0"), or None."""
         return None if self.gguf_type is None else self.gguf_type.lower()
+
+    @property
+    def grid_bits(self) -> int:
+        """The bits of the weight's code range: 7 on the int7 kernel grid, else num_bits."""
+        return 7 if self.kernel_grid == "int7" else self.num_bits
 
     @property
     def learnable_scale(self) -> bool:
@@ -99,14 +112,19 @@ class QATConfig:
             "retrain_data_config": data,
             # the defaults of extensions (group_size None, scale_init "arq", gguf_type None) are left out
             "retrain_weight_config": {k: v for k, v in vars(self.retrain_weight_config).items()
-                                      if v is not None and not (k == "scale_init" and v == "arq")},
+                                      if v is not None and _WEIGHT_DEFAULTS.get(k, object()) != v},
         }
 
 
 _TOP_KEYS = ("retrain_enable", "retrain_data_config", "retrain_weight_config")
 _DATA_KEYS = ("dst_type", "batch_num", "fixed_min", "clip_min", "clip_max", "ifmr_search", "dynamic_act")
-_WEIGHT_KEYS = ("dst_type", "weights_retrain_algo", "channel_wise", "group_size", "scale_init", "gguf_type")
-SCALE_INITS = ("arq", "mse")
+_WEIGHT_KEYS = ("dst_type", "weights_retrain_algo", "channel_wise", "group_size", "scale_init", "gguf_type",
+                "kernel_grid", "kernel_grid_grad")
+SCALE_INITS = ("arq", "mse", "pair_mse")
+KERNEL_GRIDS = ("full", "pair_cap", "int7")
+KERNEL_GRID_GRADS = ("identity", "projected")
+# extensions left out of to_dict() at their defaults (AMCT's keys only)
+_WEIGHT_DEFAULTS = {"scale_init": "arq", "kernel_grid": "full", "kernel_grid_grad": "identity"}
 
 
 def _describe(value: Any) -> str:
@@ -224,6 +242,9 @@ def _parse_weight(raw: Any) -> WeightQuantConfig:
         group_size=_group_size(sec.get("group_size", GGUF_BLOCK if gguf_type else None), f"{path}.group_size"),
         scale_init=_choice(sec.get("scale_init", "arq"), SCALE_INITS, f"{path}.scale_init"),
         gguf_type=gguf_type,
+        kernel_grid=_choice(sec.get("kernel_grid", "full"), KERNEL_GRIDS, f"{path}.kernel_grid"),
+        kernel_grid_grad=_choice(sec.get("kernel_grid_grad", "identity"), KERNEL_GRID_GRADS,
+                                 f"{path}.kernel_grid_grad"),
     )
     if gguf_type is not None:
         clash = []
@@ -238,6 +259,10 @@ def _parse_weight(raw: Any) -> WeightQuantConfig:
         if clash:
             raise ValueError(f"{path}.gguf_type={gguf_type!r} fixes the weight grid, which contradicts "
                              f"{'; '.join(clash)}; leave those keys out")
+    if gguf_type is not None and cfg.kernel_grid != "full":
+        raise ValueError(f"{path}.gguf_type={gguf_type!r} fixes the weight grid (llama.cpp's blocks), which "
+                         f"contradicts kernel_grid={cfg.kernel_grid!r} (an ONNX Runtime INT8 grid); give one or the other")
+    _check_kernel_grid(cfg, path)
     if cfg.scale_init != "arq" and not cfg.learnable_scale:
         raise ValueError(
             f"{path}.scale_init={cfg.scale_init!r}: only a learnable (ULQ) weight scale has an initial value; "
@@ -250,6 +275,51 @@ def _parse_weight(raw: Any) -> WeightQuantConfig:
             "features, so they need channel_wise=True (got channel_wise=False)"
         )
     return cfg
+
+
+def _check_kernel_grid(cfg: WeightQuantConfig, path: str) -> None:
+    """The combinations a kernel grid allows (docs/numerics.md, "The kernel-aware weight grid")."""
+    grid = cfg.kernel_grid
+    if cfg.scale_init == "pair_mse" and grid != "pair_cap":
+        raise ValueError(
+            f"{path}.scale_init='pair_mse': the step that minimises the pair-capped grid's error needs "
+            f"kernel_grid='pair_cap' (got kernel_grid={grid!r}); use scale_init 'arq' or 'mse'"
+        )
+    if grid == "full":
+        if cfg.kernel_grid_grad != "identity":
+            raise ValueError(f"{path}.kernel_grid_grad={cfg.kernel_grid_grad!r}: applies only to a kernel grid "
+                             "(kernel_grid 'pair_cap' or 'int7'), got kernel_grid='full'")
+        return
+    if grid == "int7" and cfg.kernel_grid_grad != "identity":
+        raise ValueError(
+            f"{path}.kernel_grid_grad={cfg.kernel_grid_grad!r}: applies to kernel_grid='pair_cap' only; the int7 "
+            "grid is elementwise and keeps the library's plain straight-through gradient ('identity')"
+        )
+    if cfg.dst_type != "INT8":
+        raise ValueError(
+            f"{path}.kernel_grid={grid!r}: is an INT8 weight grid, got dst_type={cfg.dst_type!r}; INT4 codes "
+            "(|q| <= 8) never saturate ONNX Runtime's u8s8 pairs, so use kernel_grid='full' with INT4"
+        )
+    if cfg.group_size is not None:
+        raise ValueError(
+            f"{path}.kernel_grid={grid!r}: group-wise scales (group_size={cfg.group_size}) export as a blocked "
+            "DequantizeLinear feeding a float MatMul, which never runs the u8s8 kernel; use kernel_grid='full' "
+            "with group_size"
+        )
+    if grid == "pair_cap" and cfg.channel_wise and cfg.scale_init != "pair_mse":
+        if not cfg.learnable_scale:
+            raise ValueError(
+                f"{path}.kernel_grid='pair_cap' with channel_wise=True and weights_retrain_algo="
+                f"{cfg.weights_retrain_algo!r}: ARQ's per-channel max-abs step puts a +-127 code in every "
+                "channel, so the pair cap binds in every channel (25.8x the output MSE of the full grid on "
+                "MiniLM's Linears). Use weights_retrain_algo='ulq_quantize' with scale_init='pair_mse', "
+                "channel_wise=False, or kernel_grid='int7'"
+            )
+        raise ValueError(
+            f"{path}.kernel_grid='pair_cap' with channel_wise=True: a learnable scale must start at "
+            f"scale_init='pair_mse' (got {cfg.scale_init!r}): the max-abs ('arq') step makes the cap bind in "
+            "every channel and the clipped 'mse' step makes more codes reach it"
+        )
 
 
 def _group_size(value: Any, path: str) -> int | None:

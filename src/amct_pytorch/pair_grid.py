@@ -34,7 +34,8 @@ Gradients (the same piecewise derivative for both, with round() straight-through
   so dq_a/dv_a = dq_b/dv_b = 1/2 and dq_a/dv_b = dq_b/dv_a = -1/2 (the Jacobian J of the
   Euclidean projection onto the line); where the vertex is clamped both codes are constant
   (J = 0); elsewhere J is 1 inside [qmin, qmax] and 0 where the code is clipped.
-  * weight: weight_grad="projected" (default) passes J^T g (the pair's common mode gets no
+  * weight: weight_grad="projected" (this function's default; the QAT layers default to
+    "identity", retrain_weight_config.kernel_grid_grad) passes J^T g (the pair's common mode gets no
     gradient while the cap binds; the difference does); weight_grad="identity" passes g unchanged,
     the plain straight-through rule the library's other weight quantizers use.
   * learnable (LSQ/ULQ) scale: d(s * q(w / s))/ds = q - J v, summed per scale and multiplied by
@@ -163,6 +164,46 @@ def _solve(v: torch.Tensor, grid: str, unconstrained: bool):
         q = torch.round(v).clamp(qmin, qmax)
         return q, ((v >= qmin) & (v <= qmax)).to(v.dtype), torch.zeros_like(v), qmax
     return (*_pair_solve(v), int_range(8)[1])
+
+
+def _grid_state(weight, scale, order, groups, grid):
+    rows = to_reduction_rows(weight, order)
+    s = _scale_rows(scale, rows.shape[0])
+    v = rows / s
+    q, j_self, j_part, qmax = _solve(v, grid, order == "conv" and is_depthwise(weight.shape, groups))
+    return s, v, q, j_self, j_part, qmax
+
+
+def grid_weight(weight: torch.Tensor, scale: torch.Tensor, order: str = "linear", groups: int = 1) -> torch.Tensor:
+    """ŵ on the pair-capped grid, without autograd history (the forward of `grid_grads`)."""
+    with torch.no_grad():
+        s, _, q, _, _, _ = _grid_state(weight.detach(), scale.detach(), order, groups, "pair")
+        return from_reduction_rows(q * s, weight.shape, order)
+
+
+def grid_grads(weight: torch.Tensor, scale: torch.Tensor, grad_wq: torch.Tensor, order: str = "linear",
+               groups: int = 1, weight_grad: str = "identity", need_scale: bool = True):
+    """(dL/dw, dL/ds) of ŵ = `grid_weight(weight, scale)` given dL/dŵ = `grad_wq` (the module docstring's
+    rules; recomputed from weight and scale, so a training forward keeps nothing extra). dL/ds is
+    None unless `need_scale`; it has `scale`'s shape."""
+    with torch.no_grad():
+        _, v, q, j_self, j_part, qmax = _grid_state(weight.detach(), scale.detach(), order, groups, "pair")
+        g = to_reduction_rows(grad_wq, order)
+        if weight_grad == "identity":
+            grad_w = grad_wq
+        elif weight_grad == "projected":  # J^T g: J is symmetric within a pair
+            grad_w = from_reduction_rows(j_self * g + _partner(j_part * g), weight.shape, order)
+        else:
+            raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
+        grad_s = None
+        if need_scale:
+            dq_ds = q - (j_self * v + j_part * _partner(v))
+            factor = 1.0 / (g.numel() // scale.numel() * qmax) ** 0.5
+            if scale.numel() == 1:
+                grad_s = (g * dq_ds).sum().reshape(scale.shape) * factor
+            else:
+                grad_s = (g * dq_ds).sum(dim=1).reshape(scale.shape) * factor
+    return grad_w, grad_s
 
 
 class _GridFakeQuant(torch.autograd.Function):

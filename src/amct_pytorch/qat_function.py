@@ -20,6 +20,7 @@ from .blockwise import (BlockActSpec, dequantize_weight_blocks, fake_quant_act_b
 from .functional import (WeightLayout, act_qparams, fake_quant_act, fake_quant_act_plain, fake_quant_weight,
                          fake_quant_weight_plain, int_range, lsq_scale_grad, lsq_step_grad, scale_view,
                          ulq_act_grads, ulq_act_grads_plain)
+from .pair_grid import grid_grads, grid_weight
 from .runtime import compiled_kernels_enabled, use_compiled_kernels  # noqa: F401 (their first home, kept)
 
 @functools.cache
@@ -89,6 +90,9 @@ class QuantSpec(NamedTuple):
     compiled: bool = False  # use the torch.compile kernels (set by qat_apply at call time)
     weight_format: str | None = None  # "q8_0" / "q4_0": llama.cpp's block formats (retrain_weight_config.gguf_type)
     act_blocks: BlockActSpec | None = None  # dynamic per-block activation (retrain_data_config.dynamic_act)
+    # the pair-capped INT8 weight grid (kernel_grid="pair_cap"): (order, groups, weight_grad) for
+    # pair_grid.grid_weight / grid_grads; None: the plain grid of weight_bits
+    pair_grid: tuple | None = None
 
 
 # ---- the float op of each module type: forward and the two halves of its backward -----
@@ -149,8 +153,11 @@ class QATFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, clip_max, clip_min, w_scale, spec: QuantSpec, op, wq=None, act_grid=None):
         if wq is None:
-            wq = _fq_weight(weight, w_scale, spec.weight_bits, spec.compiled, op.layout, spec.weight_format,
-                            spec.learnable_weight_scale)
+            if spec.pair_grid is not None:
+                wq = grid_weight(weight, w_scale, *spec.pair_grid[:2])
+            else:
+                wq = _fq_weight(weight, w_scale, spec.weight_bits, spec.compiled, op.layout, spec.weight_format,
+                                spec.learnable_weight_scale)
         if spec.act_blocks is not None:  # dynamic: its scale comes from x itself, straight-through gradient
             a_scale = a_offset = None
             xq = fake_quant_act_blocks(x, spec.act_blocks)
@@ -188,7 +195,11 @@ class QATFunction(torch.autograd.Function):
                 xq = x if spec.act_blocks is None else fake_quant_act_blocks(x, spec.act_blocks)
             grad_w, grad_b = op.grad_weight_bias(grad_y, xq, weight, True, need_b)
             del xq
-            if spec.learnable_weight_scale and need_s and spec.weight_format is not None:
+            if spec.pair_grid is not None:
+                order, groups, weight_grad = spec.pair_grid
+                grad_w, grad_s = grid_grads(weight, w_scale, grad_w, order, groups, weight_grad,
+                                            spec.learnable_weight_scale and need_s)
+            elif spec.learnable_weight_scale and need_s and spec.weight_format is not None:
                 w2 = weight.reshape(weight.shape[0], -1)
                 grad_s = learned_scale_grad(w2, grad_w.reshape(w2.shape), w_scale.reshape(w2.shape[0], -1),
                                             spec.weight_format).reshape(w_scale.shape)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..convert import quantized_layers
-from ..functional import WeightLayout, quantize_weight, scale_view
+from ..functional import WeightLayout, scale_view
 from ..nn.module.quantization.qdq import module_qparams
 from .storage import UINT8_ZERO_POINT, as_uint8, check_storage, choose_storage
 
@@ -64,7 +64,7 @@ def deploy_view(model: nn.Module, *, int8_storage: str = "auto") -> dict[str, De
     for name, m in quantized_layers(model).items():
         q = module_qparams(m)
         layout = m.weight_layout()
-        codes = quantize_weight(m.weight.detach(), q.weight_scale, q.weight_bits, layout)
+        codes = m.weight_codes()  # the trained codes (on a kernel grid: pair-capped or 7-bit)
         storage, why, zero_point = _storage(m, codes, q.weight_bits, int8_storage)
         if storage == "uint8":
             codes = torch.from_numpy(as_uint8(codes.cpu().numpy())).to(codes.device)

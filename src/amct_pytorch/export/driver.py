@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..convert import qat_layers, quantized_layers
 from ..nn.module.quantization.base import CalibrationSkippedWarning
-from ..nn.module.quantization.qdq import check_exportable, int32_bias
+from ..nn.module.quantization.qdq import check_exportable, int32_bias, kernel_grid_weights
 from ..ops import INT4_OPSET, onnx_translations
 from ..runtime import pinned_qparams
 from .onnx_graph import FoldedWeight
@@ -43,8 +43,16 @@ def _pinned(model: nn.Module, used: set[int]):
     torch.export traces with fake parameters, so without this the factors are computed inside
     the graph from the parameters (the exporter folds them into constants only for small weights).
     """
-    return pinned_qparams({id(m): m.export_constants() for m in qat_layers(model).values()
-                           if m.config.retrain_enable and id(m) in used})
+    layers = [m for m in qat_layers(model).values() if m.config.retrain_enable and id(m) in used]
+    return _pinned_then_kernel_grid(pinned_qparams({id(m): m.export_constants() for m in layers}), layers)
+
+
+@contextlib.contextmanager
+def _pinned_then_kernel_grid(pinned, layers):
+    """The pinned factors (computed from the real weights), then the kernel-grid layers' weights
+    replaced by their trained ŵ for the export (qdq.kernel_grid_weights)."""
+    with pinned, kernel_grid_weights(layers):
+        yield
 
 
 def _called_layers(model: nn.Module, inputs) -> set[int]:

@@ -51,6 +51,12 @@ SETTINGS = {
     # (100 w8a8 steps: 0.9957), too close to the 0.996 / 0.99 targets for another CPU's rounding; the
     # default run is ~5 min on a 2-core machine either way (benchmarks/w4_recipe_sweep.py, docs/minilm_demo.md)
     "w8a8": Setting("w8a8", "W8A8 per-tensor (seed default config)", {}, steps=150),
+    # the kernel-aware weight grids (issue 19): w8a8 with codes that ONNX Runtime's u8s8 kernel sums
+    # exactly on every CPU (pair-capped, or 7-bit); the same ARQ per-tensor scales and 150 steps
+    "w8a8p": Setting("w8a8p", "W8A8 per-tensor, pair-capped INT8 weight grid (exact u8s8 on every CPU)",
+                     {"retrain_weight_config": {"kernel_grid": "pair_cap"}}, steps=150),
+    "w8a8i7": Setting("w8a8i7", "W8A8 per-tensor, 7-bit weight codes [-64, 63] (exact u8s8 on every CPU)",
+                      {"retrain_weight_config": {"kernel_grid": "int7"}}, steps=150),
     "w4a8g": w4a8g(GROUP_SIZE, steps=150),
     "w4a8": Setting("w4a8", "W4A8: INT4 per-channel ULQ weights, INT8 activations", w4a8_config(), steps=300),
     # opt-in (--settings q8_0,q4_0): GGUF files run in llama.cpp (needs the `gguf` extra)

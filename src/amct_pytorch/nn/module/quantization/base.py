@@ -230,8 +230,9 @@ class QATModuleMixin(QATLayer):
             if update:
                 self.acts_scale.copy_(act_grid[0].reshape(1))
                 self.acts_offset.copy_(act_grid[1].reshape(1))
-        spec = QuantSpec(abits if quant_act else None, wcfg.num_bits, wcfg.learnable_scale,
-                         weight_format=wcfg.block_format)
+        wcfg = self.config.retrain_weight_config
+        spec = QuantSpec(abits if quant_act else None, wcfg.grid_bits, wcfg.learnable_scale,
+                         weight_format=wcfg.block_format, pair_grid=self.pair_grid_spec())
         return self._qat_call(x, w_scale, spec, wq, act_grid, *args, **kwargs)
 
     def _warn_uncalibrated(self):

@@ -102,6 +102,10 @@ class _ConvNdQAT(_ConvQATBase):
     def weight_layout(self) -> WeightLayout:
         return rows_layout(self.weight.shape)
 
+    def kernel_order(self):
+        # QLinearConv reduces over (*kernel, in/groups), input channel fastest (pair_grid "conv")
+        return ("conv", self.groups)
+
     def float_forward(self, x, weight):
         return self._conv_forward(x, weight, self.bias)
 

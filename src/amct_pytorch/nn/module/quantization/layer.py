@@ -20,7 +20,9 @@ import torch.nn as nn
 
 from ....blockwise import initial_block_scale, storable_scale, weight_codes_from_float, weight_codes_learned
 from ....config import QATConfig
-from ....functional import WeightLayout, arq_scale, initial_weight_scale, ulq_weight_scale
+from ....functional import (WeightLayout, arq_scale, fake_quant_weight, initial_weight_scale, int_range,
+                            ulq_weight_scale)
+from ....pair_grid import grid_weight, pair_mse_scale
 from ....params import write_param
 from ....qat_function import WeightCache, weight_fake_quant
 from ....runtime import calibrating_now, exporting
@@ -68,6 +70,12 @@ class QATLayer:
         """How many weight scales the config asks for: 1 or one per output channel."""
         raise NotImplementedError
 
+    def kernel_order(self) -> tuple[str, int] | None:
+        """(order, groups) in which an integer kernel reduces this layer's weight (pair_grid.ORDERS),
+        for the kernel-aware weight grid; None: the layer does not run an integer matmul or conv
+        (retrain_weight_config.kernel_grid must then stay 'full')."""
+        return None
+
     def describe(self) -> str:
         """The layer as messages name it: its class and float arguments."""
         return f"{type(self).__name__}({self._FLOAT.extra_repr(self)})"
@@ -104,6 +112,12 @@ class QATLayer:
     # ---- the weight quantizer: state ------------------------------------------------------
     def _build_weight_state(self, device) -> None:
         wcfg = self.config.retrain_weight_config
+        if wcfg.kernel_grid != "full" and self.config.retrain_enable and self.kernel_order() is None:
+            raise ValueError(
+                f"retrain_weight_config.kernel_grid={wcfg.kernel_grid!r}: {type(self).__name__} does not run an "
+                "integer matmul or conv in ONNX Runtime (kernel grids apply to LinearQAT and Conv1d/2d/3dQAT); "
+                "give this layer kernel_grid='full' (e.g. through to_qat's overrides)"
+            )
         n_scales = self.n_weight_scales()
         f32 = dict(device=device, dtype=torch.float32)
         if wcfg.learnable_scale:
@@ -171,7 +185,7 @@ class QATLayer:
                 self._wts_ready = True
             # a GGUF block scale is used as it is (signed, fp16-rounded in the quantizer); ULQ's as |s|
             return self.wts_scales if wcfg.block_format is not None else ulq_weight_scale(self.wts_scales)
-        scale = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout())
+        scale = arq_scale(self.weight, wcfg.grid_bits, wcfg.channel_wise, self.weight_layout())
         if update:
             self.wts_scales.copy_(scale)
         return scale
@@ -181,7 +195,11 @@ class QATLayer:
         wcfg = self.config.retrain_weight_config
         if wcfg.block_format is not None:
             return self._block_scale_from_float()
-        return initial_weight_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout(),
+        if wcfg.scale_init == "pair_mse":  # the pair-capped grid's best multiple of the max-abs step
+            with torch.no_grad():
+                base = arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout())
+                return pair_mse_scale(self.weight, base, *self.kernel_order()).reshape(base.shape)
+        return initial_weight_scale(self.weight, wcfg.grid_bits, wcfg.channel_wise, self.weight_layout(),
                                     wcfg.scale_init)
 
     def weight_qparams(self) -> torch.Tensor:
@@ -193,7 +211,35 @@ class QATLayer:
             return self._block_scale_from_float()
         if wcfg.learnable_scale:
             return ulq_weight_scale(self.wts_scales.detach()) if self._wts_ready else self.weight_scale_init()
-        return arq_scale(self.weight, wcfg.num_bits, wcfg.channel_wise, self.weight_layout())
+        return arq_scale(self.weight, wcfg.grid_bits, wcfg.channel_wise, self.weight_layout())
+
+    def pair_grid_spec(self) -> tuple | None:
+        """(order, groups, weight_grad) of the pair-capped grid (QuantSpec.pair_grid); None on other grids."""
+        wcfg = self.config.retrain_weight_config
+        if wcfg.kernel_grid != "pair_cap":
+            return None
+        return (*self.kernel_order(), wcfg.kernel_grid_grad)
+
+    def _fake_quant(self, weight, scale) -> torch.Tensor:
+        """ŵ on this layer's weight grid (no autograd history needed by the callers)."""
+        wcfg = self.config.retrain_weight_config
+        if wcfg.kernel_grid == "pair_cap":
+            return grid_weight(weight, scale, *self.kernel_order())
+        return fake_quant_weight(weight, scale, wcfg.grid_bits, self.weight_layout())
+
+    @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor:
+        """The integer codes of the eval forward's ŵ, as int8 shaped like the weight (INT4 codes live in
+        int8 too): round(ŵ / s), which on a kernel grid are the pair-capped or 7-bit codes."""
+        scale = self.weight_qparams().detach()
+        wq = self._fake_quant(self.weight.detach(), scale)
+        layout = self.weight_layout()
+        if scale.numel() > 1:
+            view = wq.reshape(layout.view) / scale.reshape(layout.scale)
+        else:
+            view = wq / scale.reshape(())
+        qmin, qmax = int_range(self.config.retrain_weight_config.grid_bits)
+        return torch.round(view).clamp(qmin, qmax).reshape(self.weight.shape).to(torch.int8)
 
     def _cached_weight(self):
         """(scale, ŵ) for a forward that does not update state, reused while neither the weight
@@ -226,6 +272,9 @@ class QATLayer:
     def weight_fake_quant(self, scale: torch.Tensor) -> torch.Tensor:
         """ŵ for the weight scale `scale` (as `_weight_scale` / `weight_qparams` return it), no history."""
         wcfg = self.config.retrain_weight_config
+        if wcfg.block_format is None:  # the INT8/INT4 grids, the kernel grids included
+            with torch.no_grad():
+                return self._fake_quant(self.weight, scale)
         with torch.no_grad():
             return weight_fake_quant(self.weight, scale, wcfg.num_bits, self.weight_layout(), wcfg.block_format,
                                      wcfg.learnable_scale and self._wts_ready)

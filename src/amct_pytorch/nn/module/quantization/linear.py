@@ -75,6 +75,10 @@ class LinearQAT(QATModuleMixin, nn.Linear):
             return super().n_weight_scales()
         return self.out_features * (self.in_features // group)
 
+    def kernel_order(self):
+        # MatMul / MatMulIntegerToFloat reduce over in_features: pairs (2j, 2j + 1) of a weight row
+        return ("linear", 1) if self.config.retrain_weight_config.group_size is None else None
+
     def _check_input_shape(self, x):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(

@@ -11,6 +11,7 @@ computed here.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -143,11 +144,47 @@ def as_constants(q: QParams) -> QParams:
                       weight_scale=const(q.weight_scale))
 
 
+def on_kernel_grid(module) -> bool:
+    """Whether `module` trains its weight on a kernel grid (retrain_weight_config.kernel_grid)."""
+    return module.config.retrain_enable and module.config.retrain_weight_config.kernel_grid != "full"
+
+
+@contextlib.contextmanager
+def kernel_grid_weights(layers):
+    """Temporarily give each layer on a kernel grid its eval forward's ŵ as its weight (restored bit
+    for bit): the exported float initializer is then the trained ŵ, whose QuantizeLinear (and the
+    export's weight folding, round(ŵ / s)) gives exactly the trained pair-capped or 7-bit codes, and
+    the integer initializer keeps the layer's weight name. Enter it after the export's factors were
+    computed from the real weights (an ARQ scale of ŵ may differ from that of w in the last bit)."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for m in layers:
+                if on_kernel_grid(m):
+                    wq = m.fake_quantized_weight()
+                    saved.append((m, m.weight.detach().clone()))
+                    m.weight.copy_(wq)
+                    m.clear_weight_cache()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, w in saved:
+                m.weight.copy_(w)
+                m.clear_weight_cache()
+
+
 def export_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """What a QAT module's forward becomes under torch.onnx.export: Q/DQ on input and weight, then
     the module's float op (linear, conv, transposed conv)."""
     check_exportable(module)
     q = pinned_for(module)
+    if q is None and on_kernel_grid(module):
+        raise RuntimeError(
+            f"{module.describe()}: retrain_weight_config.kernel_grid="
+            f"{module.config.retrain_weight_config.kernel_grid!r} exports its trained codes only through "
+            "amct_pytorch.export_onnx(model, example_inputs, path) (plain torch.onnx.export would store "
+            "round(w / s), not the kernel grid's codes)"
+        )
     axis = weight_axis(module)
     group = module.config.retrain_weight_config.group_size
     if q is not None and not torch.jit.is_tracing() and group is not None:
