@@ -93,12 +93,12 @@ def test_quick_demo_end_to_end(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["complete"] and rep["options"]["quick"]
     assert rep["float"]["lee_pearson"] == pytest.approx(0.656, abs=0.002)
-    assert [s["name"] for s in rep["settings"]] == ["w8a8", "w4a8g"]
+    assert [s["name"] for s in rep["settings"]] == ["w8a8p", "w4a8g"]
     assert "Warning" not in run.stderr and "Loading weights" not in run.stderr  # no third-party noise
     assert rep["settings"][1]["config"]["retrain_weight_config"]["group_size"] == GROUP_SIZE
     assert [s["split_outliers"] for s in rep["settings"]] == [True, False]  # group_size must divide 1536
     dep = rep["deployment"]
-    assert list(dep["artifacts"]) == ["float", "w8a8", "w4a8g"] and not dep["not_exported"]
+    assert list(dep["artifacts"]) == ["float", "w8a8p", "w4a8g"] and not dep["not_exported"]
     assert dep["artifacts"]["float"]["ort"]["mean_cos"] > 0.99999
     for name, a in dep["artifacts"].items():
         assert (out / Path(a["path"]).name).stat().st_size == pytest.approx(a["size_mb"] * 1e6, abs=1e4)
@@ -179,7 +179,7 @@ def test_parse_settings_builds_the_group_wise_setting():
     from amct_pytorch.demo.minilm.run import uses_split
     from amct_pytorch.demo.minilm.settings import DEFAULT_SETTINGS, Options
 
-    assert [s.name for s in demo_main.parse_settings(DEFAULT_SETTINGS)] == ["w8a8", "w4a8g"]
+    assert [s.name for s in demo_main.parse_settings(DEFAULT_SETTINGS)] == ["w8a8p", "w4a8g"]
     w8, g32, pc = demo_main.parse_settings("w8a8, w4a8g ,w4a8", group_size=32)
     assert g32.config["retrain_weight_config"]["group_size"] == 32 and "32 inputs" in g32.label
     assert "group_size" not in pc.config["retrain_weight_config"]

@@ -45,7 +45,7 @@ OPTIONS = (
     Option("--settings", "built-in settings to run, comma-separated, from w8a8 (INT8 per-tensor), w8a8p / w8a8i7 "
                          "(w8a8 on the pair-capped / 7-bit kernel grid), w4a8g (INT4 group-wise weights), w4a8 "
                          "(INT4 per-channel weights), q8_0 / q4_0 (GGUF files run in llama.cpp; needs the gguf extra); "
-                         "default w8a8,w4a8g",
+                         "default w8a8p,w4a8g",
            {"type": _settings}),
     Option("--group-size", "the w4a8g group size (16, 32, 64 or 128; default 32)", {"type": _group_size}),
     Option("--peers", "also quantize the float ONNX model with ONNX Runtime's quantize_dynamic and "

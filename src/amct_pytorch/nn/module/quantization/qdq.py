@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import torch
 
-from ....functional import act_qparams, arq_scale, ulq_weight_scale
+from ....functional import act_qparams, arq_scale, quantize_weight, ulq_weight_scale
 from ....ops import INT4_OPSET, quant_dequant, quant_dequant_blocked
 from ....runtime import pinned_for
+from ....saturation import pair_violation_mask
 
 
 class QParams(NamedTuple):
@@ -229,13 +230,26 @@ def export_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             )
         q = graph_qparams(module)
     xq = torch.fake_quantize_per_tensor_affine(x, q.act_scale, q.act_offset, -128, 127)
+    # where a pair of the codes could saturate ORT's u8s8 kernel (CPUs without VNNI), the same codes on the
+    # uint8 + 128 grid (exact u8u8 kernel; export/storage.py); decidable when the weights are real (tracing)
+    lo, hi, zp = (0, 255, 128) if torch.jit.is_tracing() and _codes_can_saturate(module, q) else (-128, 127, 0)
     if q.channel_wise:
-        zeros = torch.zeros_like(q.weight_scale, dtype=torch.int32)
-        wq = torch.fake_quantize_per_channel_affine(module.weight, q.weight_scale, zeros, axis, -128, 127)
+        zeros = torch.full_like(q.weight_scale, zp, dtype=torch.int32)
+        wq = torch.fake_quantize_per_channel_affine(module.weight, q.weight_scale, zeros, axis, lo, hi)
     else:
-        zero = torch.zeros((), dtype=torch.int32, device=x.device)
-        wq = torch.fake_quantize_per_tensor_affine(module.weight, q.weight_scale.reshape(()), zero, -128, 127)
+        zero = torch.full((), zp, dtype=torch.int32, device=x.device)
+        wq = torch.fake_quantize_per_tensor_affine(module.weight, q.weight_scale.reshape(()), zero, lo, hi)
     return module.float_forward(xq, wq, *args, **kwargs)
+
+
+def _codes_can_saturate(module, q: QParams) -> bool:
+    """Whether the module's INT8 weight codes hold a pair that ORT's u8s8 kernel can saturate."""
+    order = module.kernel_order() if hasattr(module, "kernel_order") else None
+    if order is None or q.weight_bits != 8:
+        return False
+    with torch.no_grad():
+        codes = quantize_weight(module.weight.detach(), q.weight_scale, 8, module.weight_layout())
+    return bool(pair_violation_mask(codes.cpu().numpy(), *order).any())
 
 
 # ---- the bias: float (default) or on the int32 grid of integer runtimes -----------------------
