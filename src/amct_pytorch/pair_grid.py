@@ -197,13 +197,17 @@ def grid_grads(weight: torch.Tensor, scale: torch.Tensor, grad_wq: torch.Tensor,
             raise ValueError(f"weight_grad must be one of {WEIGHT_GRADS}, got {weight_grad!r}")
         grad_s = None
         if need_scale:
-            dq_ds = q - (j_self * v + j_part * _partner(v))
-            factor = 1.0 / (g.numel() // scale.numel() * qmax) ** 0.5
-            if scale.numel() == 1:
-                grad_s = (g * dq_ds).sum().reshape(scale.shape) * factor
-            else:
-                grad_s = (g * dq_ds).sum(dim=1).reshape(scale.shape) * factor
+            grad_s = _scale_grad(g, q, v, j_self, j_part, scale, qmax)
     return grad_w, grad_s
+
+
+def _scale_grad(g, q, v, j_self, j_part, scale, qmax):
+    """LSQ's scale gradient through the projection: sum g·(q - J·v), times 1/sqrt(values per scale · qmax)."""
+    dq_ds = q - (j_self * v + j_part * _partner(v))
+    factor = 1.0 / (g.numel() // scale.numel() * qmax) ** 0.5
+    if scale.numel() == 1:
+        return (g * dq_ds).sum().reshape(scale.shape) * factor
+    return (g * dq_ds).sum(dim=1).reshape(scale.shape) * factor
 
 
 class _GridFakeQuant(torch.autograd.Function):
@@ -229,12 +233,7 @@ class _GridFakeQuant(torch.autograd.Function):
             else:  # J^T g: J is symmetric within a pair
                 grad_w = from_reduction_rows(j_self * g + _partner(j_part * g), shape, order)
         if ctx.needs_input_grad[1]:
-            dq_ds = q - (j_self * v + j_part * _partner(v))
-            factor = 1.0 / (g.numel() // scale.numel() * qmax) ** 0.5
-            if scale.numel() == 1:
-                grad_s = (g * dq_ds).sum().reshape(scale.shape) * factor
-            else:
-                grad_s = (g * dq_ds).sum(dim=1).reshape(scale.shape) * factor
+            grad_s = _scale_grad(g, q, v, j_self, j_part, scale, qmax)
         return grad_w, grad_s, None, None, None, None
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..convert import qat_layers, quantized_layers
 from ..nn.module.quantization.base import CalibrationSkippedWarning
-from ..nn.module.quantization.qdq import check_exportable, int32_bias, kernel_grid_weights
+from ..nn.module.quantization.qdq import swapped_params, check_exportable, int32_bias, kernel_grid_weights
 from ..ops import INT4_OPSET, onnx_translations
 from ..runtime import pinned_qparams
 from .onnx_graph import FoldedWeight
@@ -79,23 +79,9 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextlib.contextmanager
 def _bias_on_int32_grid(layers):
     """Temporarily give each layer's bias its int32-grid value (restored bit for bit)."""
-    saved = []
-    try:
-        with torch.no_grad():
-            for _, m in layers:
-                if m.bias is not None:
-                    saved.append((m, m.bias.detach().clone()))
-                    m.bias.copy_(int32_bias(m))
-                    m.clear_weight_cache()
-        yield
-    finally:
-        with torch.no_grad():
-            for m, b in saved:
-                m.bias.copy_(b)
-                m.clear_weight_cache()
+    return swapped_params([(m, "bias", int32_bias(m)) for _, m in layers if m.bias is not None])
 
 
 # ---- shapes -------------------------------------------------------------------------------

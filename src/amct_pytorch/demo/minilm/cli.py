@@ -43,7 +43,8 @@ OPTIONS = (
                     "(the QAT layers keep float32 math; default fp32)",
            {"choices": ["fp32", "bf16"], "default": "fp32"}),
     Option("--settings", "built-in settings to run, comma-separated, from w8a8 (INT8 per-tensor), w8a8p / w8a8i7 "
-                         "(w8a8 on the pair-capped / 7-bit kernel grid), w4a8g (INT4 group-wise weights), w4a8 "
+                         "(w8a8 on the pair-capped / 7-bit kernel grid), w4a8g (INT4 group-wise weights), w4a8g4 (w4a8g for "
+                         "MatMulNBits accuracy level 4), w4a8 "
                          "(INT4 per-channel weights), q8_0 / q4_0 (GGUF files run in llama.cpp; needs the gguf extra); "
                          "default w8a8p,w4a8g",
            {"type": _settings}),

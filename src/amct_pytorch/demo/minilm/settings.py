@@ -58,6 +58,12 @@ SETTINGS = {
     "w8a8i7": Setting("w8a8i7", "W8A8 per-tensor, 7-bit weight codes [-64, 63] (exact u8s8 on every CPU)",
                       {"retrain_weight_config": {"kernel_grid": "int7"}}, steps=150),
     "w4a8g": w4a8g(GROUP_SIZE, steps=150),
+    # group-wise INT4 trained against ONNX Runtime's MatMulNBits accuracy_level 4 (its own dynamic per-block
+    # int8 quantization of the input, no static activation quantizer): exported at level 4 (int8 compute)
+    "w4a8g4": Setting("w4a8g4", f"W4 group-wise (32 inputs per scale) with MatMulNBits level 4's dynamic per-block "
+                                f"INT8 input", {**w4a8_config(GROUP_SIZE, "mse"),
+                                                "retrain_data_config": {"dynamic_act": "ort-matmulnbits-level4"}},
+                      steps=150),
     "w4a8": Setting("w4a8", "W4A8: INT4 per-channel ULQ weights, INT8 activations", w4a8_config(), steps=300),
     # opt-in (--settings q8_0,q4_0): GGUF files run in llama.cpp (needs the `gguf` extra)
     "q8_0": gguf_setting("q8_0", steps=GGUF_STEPS["q8_0"]),

@@ -151,27 +151,32 @@ def on_kernel_grid(module) -> bool:
 
 
 @contextlib.contextmanager
+def swapped_params(changes):
+    """Temporarily give `module.<name>` the value `value` for each (module, name, value) in `changes`
+    (in place, under no_grad; restored bit for bit, each module's ŵ cache dropped both ways)."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for m, name, value in changes:
+                param = getattr(m, name)
+                saved.append((m, name, param.detach().clone()))
+                param.copy_(value)
+                m.clear_weight_cache()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, old in saved:
+                getattr(m, name).copy_(old)
+                m.clear_weight_cache()
+
+
 def kernel_grid_weights(layers):
     """Temporarily give each layer on a kernel grid its eval forward's ŵ as its weight (restored bit
     for bit): the exported float initializer is then the trained ŵ, whose QuantizeLinear (and the
     export's weight folding, round(ŵ / s)) gives exactly the trained pair-capped or 7-bit codes, and
     the integer initializer keeps the layer's weight name. Enter it after the export's factors were
     computed from the real weights (an ARQ scale of ŵ may differ from that of w in the last bit)."""
-    saved = []
-    try:
-        with torch.no_grad():
-            for m in layers:
-                if on_kernel_grid(m):
-                    wq = m.fake_quantized_weight()
-                    saved.append((m, m.weight.detach().clone()))
-                    m.weight.copy_(wq)
-                    m.clear_weight_cache()
-        yield
-    finally:
-        with torch.no_grad():
-            for m, w in saved:
-                m.weight.copy_(w)
-                m.clear_weight_cache()
+    return swapped_params([(m, "weight", m.fake_quantized_weight()) for m in layers if on_kernel_grid(m)])
 
 
 def export_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
