@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sentences (minilm, default 32) or frames (crepe, default 64) per training batch")
     demo.add_argument("--out", default="amct_qat_out", help="output folder (default ./amct_qat_out)")
     demo.add_argument("--config", help="a JSON AMCT config file to run instead of the two built-in settings")
-    demo.add_argument("--quick", action="store_true", help="smoke run on a few sentences or frames (MiniLM: 1.5 to 6 min on a 2-core CPU, idle to loaded)")
+    demo.add_argument("--quick", action="store_true", help="smoke run on a few sentences or frames (MiniLM: about 1 min on an idle 2-core CPU, 6 min on a loaded one)")
     for name, spec in DEMOS.items():
         for option in spec.options:
             demo.add_argument(option.flag, help=f"{name} only: {option.help}",

@@ -39,7 +39,7 @@ class FoldedWeight:
 def int_grid(data_type: int) -> tuple[int, int, int] | None:
     from onnx import TensorProto  # optional dependency
 
-    return {TensorProto.INT8: (-128, 127, 8), TensorProto.INT4: (-8, 7, 4), TensorProto.UINT8: (0, 255, 8)}.get(data_type)
+    return {TensorProto.INT8: (-128, 127, 8), TensorProto.INT4: (-8, 7, 4)}.get(data_type)
 
 
 def attr(node, name, default=None):

@@ -18,7 +18,7 @@ import torch
 
 from ....functional import act_qparams, arq_scale, quantize_weight, ulq_weight_scale
 from ....ops import INT4_OPSET, quant_dequant, quant_dequant_blocked
-from ....runtime import pinned_for
+from ....runtime import export_onnx_active, pinned_for
 from ....saturation import pair_violation_mask
 
 
@@ -237,7 +237,9 @@ def export_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     xq = torch.fake_quantize_per_tensor_affine(x, q.act_scale, q.act_offset, -128, 127)
     # where a pair of the codes could saturate ORT's u8s8 kernel (CPUs without VNNI), the same codes on the
     # uint8 + 128 grid (exact u8u8 kernel; export/storage.py); decidable when the weights are real (tracing)
-    lo, hi, zp = (0, 255, 128) if torch.jit.is_tracing() and _codes_can_saturate(module, q) else (-128, 127, 0)
+    # (plain torch.onnx.export only: under export_onnx its weight folding decides, export/storage.py)
+    plain = torch.jit.is_tracing() and not export_onnx_active()
+    lo, hi, zp = (0, 255, 128) if plain and _codes_can_saturate(module, q) else (-128, 127, 0)
     if q.channel_wise:
         zeros = torch.full_like(q.weight_scale, zp, dtype=torch.int32)
         wq = torch.fake_quantize_per_channel_affine(module.weight, q.weight_scale, zeros, axis, lo, hi)
