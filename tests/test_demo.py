@@ -198,4 +198,4 @@ def test_deployment_table_lists_every_artifact():
                                         "w8a8": dict(artifact, ort=dict(ort, max_abs_diff_vs_torch=0.01))}}}
     text = report.deployment_table(rep)
     assert "w8a8" in text and "59.6" in text and "0.9970" in text and "1.0e-02" in text and "(0.40)" in text
-    assert "w4a8         not exported: no" in text and "all 246 held-out sentences" in text
+    assert "w4a8           not exported: no" in text and "all 246 held-out sentences" in text
