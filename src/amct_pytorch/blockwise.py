@@ -198,14 +198,15 @@ def check_format(fmt: str) -> tuple[int, int]:
     return FORMATS[fmt]
 
 
-def _weight_blocks(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+def _weight_blocks(weight: torch.Tensor, name: str = "weight", detach: bool = True) -> torch.Tensor:
+    """(N, K) -> (N, K / 32, 32) float32 blocks along K (detached unless a gradient must flow)."""
     if weight.dim() != 2:
         raise ValueError(f"{name}: expected a 2-d (N, K) weight, got shape {tuple(weight.shape)}")
     n, k = weight.shape
     if k % QK:
         raise ValueError(f"{name}: K = {k} (shape {tuple(weight.shape)}) is not a multiple of {QK}, "
                          f"the block length of Q8_0/Q4_0")
-    return weight.detach().to(torch.float32).reshape(n, k // QK, QK)
+    return (weight.detach() if detach else weight).to(torch.float32).reshape(n, k // QK, QK)
 
 
 def _fp16(d: torch.Tensor) -> torch.Tensor:
@@ -279,17 +280,11 @@ def fake_quant_weight_learned(weight: torch.Tensor, d: torch.Tensor, fmt: str) -
 
     Gradients: straight-through to weight; LSQ to d (see the module docstring)."""
     qmin, qmax = check_format(fmt)
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected a 2-d (N, K) weight, got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    if k % QK:
-        raise ValueError(f"weight: K = {k} (shape {tuple(weight.shape)}) is not a multiple of {QK}, "
-                         f"the block length of Q8_0/Q4_0")
-    wb = weight.to(torch.float32).reshape(n, k // QK, QK)
+    wb = _weight_blocks(weight, detach=False)
     _check_scale(d, wb)
     ds = storable_scale(d.to(torch.float32)).unsqueeze(-1)
     out = _learned_blocks(wb, ds, qmin, qmax)
-    return out.reshape(n, k).to(weight.dtype)
+    return out.reshape(weight.shape).to(weight.dtype)
 
 
 def _learned_blocks(wb, ds, qmin, qmax):
