@@ -25,7 +25,7 @@ import torch
 from amct_pytorch.demo.common.settings import Setting
 from amct_pytorch.demo.common.training import Timer
 from amct_pytorch.demo.minilm.run import prepare, run_setting, split_model, uses_split
-from amct_pytorch.demo.minilm.settings import SETTINGS, Options, w4a8_config
+from amct_pytorch.demo.minilm.settings import SETTINGS, Options, gguf_setting, w4a8_config
 
 W8A8 = SETTINGS["w8a8"]
 
@@ -61,6 +61,14 @@ EXPERIMENTS = {
     "w8a8_80": (W8A8, 80, {}),
     "w8a8_100": (W8A8, 100, {}),
     "w8a8_120": (W8A8, 120, {}),
+    # GGUF Q8_0 (llama.cpp profile; the PyTorch side equals llama.cpp to ~1e-4, docs/gguf.md): its PTQ
+    # error is ~4e-4, so the weight learning rate must move the model by less than that
+    "q8_0_w5e-5": (gguf_setting("q8_0", 100), 100, {"lr_weights": 5e-5, "eval_points": 4}),
+    "q8_0_w1e-5": (gguf_setting("q8_0", 100), 100, {"lr_weights": 1e-5, "eval_points": 4}),
+    "q8_0_w5e-6": (gguf_setting("q8_0", 100), 100, {"lr_weights": 5e-6, "eval_points": 4}),
+    "q8_0_w2e-6": (gguf_setting("q8_0", 100), 100, {"lr_weights": 2e-6, "eval_points": 4}),
+    "q8_0_w1e-5_50": (gguf_setting("q8_0", 50), 50, {"lr_weights": 1e-5, "eval_points": 2}),
+    "q4_0": (gguf_setting("q4_0", 200), 200, {"eval_points": 4}),
 }
 
 
@@ -122,8 +130,9 @@ def main(argv=None) -> list[dict]:
              "qat_min_cos": res["qat"]["min_cos"], "s_per_step": res["times_s"]["train"] / steps,
              "wall_s": time.perf_counter() - t0, "times_s": res["times_s"],
              "config": res["config"], "quick": args.quick}
+        r["curve"] = dict(zip(res["history"]["eval_step"], res["history"]["eval_mean_cos"]))
         results.append(r)
-        print(row(r), flush=True)
+        print(row(r), "curve:", {k: round(v, 5) for k, v in r["curve"].items()}, flush=True)
         with log.open("a") as f:
             f.write(row(r) + ("  (quick)" if args.quick else "") + "\n")
         if args.json:

@@ -159,3 +159,76 @@ def test_save_does_not_change_state(tmp_path):
     before = copy.deepcopy(state_bytes(model))
     save_quant_record(model, tmp_path / "q.json")
     assert state_bytes(model) == before
+
+
+# Layers that quantize their input on the fly have no activation factors to record or deploy.
+DYNAMIC = {
+    "q8_0_llama": {"retrain_weight_config": {"gguf_type": "Q8_0"}, "retrain_data_config": {"dynamic_act": "llama.cpp-x86"}},
+    "q4_0_llama": {"retrain_weight_config": {"gguf_type": "Q4_0", "weights_retrain_algo": "ulq_quantize"},
+                   "retrain_data_config": {"dynamic_act": "llama.cpp-x86"}},
+    "int4_level4": {"retrain_weight_config": {"dst_type": "INT4", "channel_wise": True, "group_size": 32,
+                                              "weights_retrain_algo": "ulq_quantize"},
+                    "retrain_data_config": {"dynamic_act": "ort-matmulnbits-level4"}},
+}
+
+
+def dynamic_model(config, seed=0, steps=3):
+    torch.manual_seed(seed)
+    model = nn.Sequential(LinearQAT(64, 32, config=config), nn.ReLU(), LinearQAT(32, 8, config=config))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        model.train()(torch.randn(16, 64)).square().mean().backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC))
+def test_dynamic_act_layers_record_no_activation_factors(tmp_path, name):
+    from amct_pytorch.export import deploy_view
+
+    config = DYNAMIC[name]
+    model = dynamic_model(config)
+    record = save_quant_record(model, tmp_path / "q.json")
+    layer = record["layers"]["0"]
+    want_act = config["retrain_data_config"]["dynamic_act"]
+    assert layer["dynamic_act"] == want_act and layer["act_block"] == 32
+    assert [layer[k] for k in ("clip_max_d", "clip_min_d", "scale_d", "offset_d")] == [None] * 4
+    gguf = config["retrain_weight_config"].get("gguf_type")
+    assert layer.get("gguf_type") == gguf
+    assert len(layer["scale_w"]) == 32 * 64 // 32  # one per block / group of 32 along K
+
+    other = dynamic_model(config, seed=1, steps=0)  # other weights and scales ...
+    for src, dst in ((model[0], other[0]), (model[2], other[2])):
+        with torch.no_grad():
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+    load_quant_record(other, tmp_path / "q.json")  # ... the record's scales
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+    assert save_quant_record(other, tmp_path / "again.json") == record
+
+    # the deploy view has no static activation factors either, and its weights are the eval forward's
+    view = deploy_view(model)["0"]
+    assert view.act_scale is None and view.act_offset is None
+    assert (view.act_dynamic, view.act_block) == (want_act, 32)
+    if gguf is not None:
+        codes, d = model[0].gguf_blocks()
+        assert view.storage == gguf and torch.equal(view.codes(), codes)
+        assert torch.equal(view.weight_scale, d.to(torch.float32).reshape(-1))
+    with torch.no_grad():
+        dense = nn.functional.linear(torch.eye(64), view.dequantized_weight())
+    assert torch.equal(dense, nn.functional.linear(torch.eye(64), model[0].fake_quantized_weight()))
+
+    # a record with activation factors for such a layer, or a dynamic record for a static layer: refused
+    bad = json.loads((tmp_path / "q.json").read_text())
+    bad["layers"]["0"]["scale_d"] = 0.1
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    before = state_bytes(other)
+    with pytest.raises(ValueError, match=r"\['scale_d'\] must be null.*on the fly"):
+        load_quant_record(other, tmp_path / "bad.json")
+    assert state_bytes(other) == before
+    static = nn.Sequential(LinearQAT(64, 32), nn.ReLU(), LinearQAT(32, 8)).eval()
+    with pytest.raises(ValueError, match=r"unknown keys \[.*'dynamic_act'"):
+        load_quant_record(static, tmp_path / "q.json")

@@ -1,7 +1,10 @@
 """Quant-factor record: every QAT module's scales, offsets, bit widths and clip bounds as JSON.
 
 Floats are written with Python's shortest round-trip repr of the float32 value, so a record
-read back gives the same float32 bits. Schema: README, "Export and deploy".
+read back gives the same float32 bits. Schema: docs/export.md, "Quant record". A layer whose input
+is quantized on the fly (`retrain_data_config.dynamic_act`) has no activation factors: its record
+says `"dynamic_act"` and `"act_block"` and holds null clip/scale/offset; a llama.cpp block-format
+layer adds `"gguf_type"` (its `scale_w` are the fp16-stored block scales d, signed for Q4_0).
 """
 from __future__ import annotations
 
@@ -20,6 +23,18 @@ RECORD_FORMAT = "amct-qat quant record"
 RECORD_VERSION = 1
 _QUANT_KEYS = ("act_bits", "weight_bits", "channel_wise", "weights_retrain_algo", "clip_max_d", "clip_min_d",
                "scale_d", "offset_d", "scale_w", "offset_w")
+_ACT_KEYS = ("clip_max_d", "clip_min_d", "scale_d", "offset_d")  # null for a dynamic activation
+
+
+def _format_record(m) -> dict:
+    """The keys a layer with a dynamic activation or a llama.cpp block format adds (none otherwise)."""
+    data, wcfg = m.config.retrain_data_config, m.config.retrain_weight_config
+    extra = {}
+    if data.dynamic_act is not None:
+        extra.update(dynamic_act=data.dynamic_act, act_block=m.act_block_spec().block)
+    if wcfg.gguf_type is not None:
+        extra["gguf_type"] = wcfg.gguf_type
+    return extra
 
 
 def _shape_record(m) -> dict:
@@ -37,16 +52,19 @@ def _shape_record(m) -> dict:
 
 def _layer_record(m) -> dict:
     q = module_qparams(m)
+    extra = _format_record(m)
+    dynamic = "dynamic_act" in extra
     return {
         **_shape_record(m),
+        **extra,
         "act_bits": q.act_bits,
         "weight_bits": q.weight_bits,
         "channel_wise": q.channel_wise,
         "weights_retrain_algo": m.config.retrain_weight_config.weights_retrain_algo,
-        "clip_max_d": m.acts_clip_max.detach().item(),
-        "clip_min_d": m.acts_clip_min.detach().item(),
-        "scale_d": float(q.act_scale),
-        "offset_d": int(q.act_offset),
+        "clip_max_d": None if dynamic else m.acts_clip_max.detach().item(),
+        "clip_min_d": None if dynamic else m.acts_clip_min.detach().item(),
+        "scale_d": None if dynamic else float(q.act_scale),
+        "offset_d": None if dynamic else int(q.act_offset),
         "scale_w": [float(v) for v in q.weight_scale],
         "offset_w": [0] * q.weight_scale.numel(),
     }
@@ -103,19 +121,26 @@ def _check_layer(name, m, rec) -> dict:
     where = f"quant record layer {name!r}"
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected an object, got {type(rec).__name__}")
-    shape = _shape_record(m)
-    keys = (*shape, *_QUANT_KEYS)
+    shape, extra = _shape_record(m), _format_record(m)
+    keys = (*shape, *extra, *_QUANT_KEYS)
     missing = [k for k in keys if k not in rec]
     unknown = [k for k in rec if k not in keys]
     if missing or unknown:
-        raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}; expected keys {list(keys)}")
+        raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}; expected keys {list(keys)} "
+                         "(a record's dynamic_act / act_block / gguf_type keys must match the layer's config)")
     data, wcfg = m.config.retrain_data_config, m.config.retrain_weight_config
-    expected = {**shape, "act_bits": data.num_bits,
+    expected = {**shape, **extra, "act_bits": data.num_bits,
                 "weight_bits": wcfg.num_bits, "channel_wise": wcfg.channel_wise,
                 "weights_retrain_algo": wcfg.weights_retrain_algo}
     for key, want in expected.items():
         if rec[key] != want or type(rec[key]) is not type(want):
             raise ValueError(f"{where}.{key}: the record has {rec[key]!r}, but the model's layer has {want!r}")
+    if "dynamic_act" in extra:
+        set_keys = [k for k in _ACT_KEYS if rec[k] is not None]
+        if set_keys:
+            raise ValueError(f"{where}: {set_keys} must be null: the layer quantizes its input on the fly "
+                             f"(dynamic_act={data.dynamic_act!r}), it has no static activation factors")
+        return _weight_state(where, m, rec, wcfg)
     clip_max = torch.tensor(_number(rec["clip_max_d"], f"{where}.clip_max_d"), dtype=torch.float32)
     clip_min = torch.tensor(_number(rec["clip_min_d"], f"{where}.clip_min_d"), dtype=torch.float32)
     if data.fixed_min and float(clip_min) != 0.0:
@@ -125,6 +150,15 @@ def _check_layer(name, m, rec) -> dict:
     if got != (float(scale_d), int(offset_d)):
         raise ValueError(f"{where}: scale_d={got[0]!r}, offset_d={got[1]!r} do not follow from clip_max_d/clip_min_d "
                          f"(expected {float(scale_d)!r}, {int(offset_d)!r})")
+    qmin, qmax = int_range(data.num_bits)
+    if not qmin <= int(offset_d) <= qmax:
+        raise ValueError(f"{where}.offset_d: {int(offset_d)} is outside [{qmin}, {qmax}]")
+    state = {"acts_clip_max": clip_max, "acts_clip_min": clip_min, "acts_scale": scale_d.reshape(1),
+             "acts_offset": offset_d.reshape(1).to(torch.int8), "calib_done": torch.tensor(True)}
+    return {**state, **_weight_state(where, m, rec, wcfg)}
+
+
+def _weight_state(where, m, rec, wcfg) -> dict:
     n_scales = m.n_weight_scales()
     scale_w, offset_w = rec["scale_w"], rec["offset_w"]
     for key, values in (("scale_w", scale_w), ("offset_w", offset_w)):
@@ -136,13 +170,8 @@ def _check_layer(name, m, rec) -> dict:
             raise ValueError(f"{where}.scale_w[{i}]: expected a nonzero number, got {v!r}")
     if any(_number(v, f"{where}.offset_w", integer=True) != 0 for v in offset_w):
         raise ValueError(f"{where}.offset_w: weights are quantized symmetrically, so every offset must be 0")
-    qmin, qmax = int_range(data.num_bits)
-    if not qmin <= int(offset_d) <= qmax:
-        raise ValueError(f"{where}.offset_d: {int(offset_d)} is outside [{qmin}, {qmax}]")
-    state = {"acts_clip_max": clip_max, "acts_clip_min": clip_min, "acts_scale": scale_d.reshape(1),
-             "acts_offset": offset_d.reshape(1).to(torch.int8),
-             "wts_scales": torch.tensor(scale_w, dtype=torch.float32),
-             "wts_offsets": torch.zeros(n_scales, dtype=torch.int8), "calib_done": torch.tensor(True)}
+    state = {"wts_scales": torch.tensor(scale_w, dtype=torch.float32),
+             "wts_offsets": torch.zeros(n_scales, dtype=torch.int8)}
     if wcfg.learnable_scale:
         state["wts_scale_ready"] = torch.tensor(True)
     return state

@@ -22,21 +22,28 @@ class DeployedLayer:
     int8 with zero point 0 (INT4 codes, in [-8, 7], also live in int8), or, for an INT8 layer whose
     codes could saturate ORT's u8s8 kernel on CPUs without VNNI, uint8 codes + 128 with
     `weight_zero_point` 128 (`storage` says which and `storage_reason` why; export/storage.py).
-    `codes()` gives the signed codes either way. `weight_scale` has shape (1,) or
-    (out_channels,); `layout` says how it maps onto the weight (None: rows, dim 0).
+    `codes()` gives the signed codes either way. `weight_scale` has shape (1,), (out_channels,)
+    or one per group/block; `layout` says how it maps onto the weight (None: rows, dim 0).
+
+    A layer that quantizes its input on the fly (`retrain_data_config.dynamic_act`: llama.cpp's
+    Q8_0, ORT MatMulNBits level 4) has no static activation factors: `act_scale` and `act_offset`
+    are None, `act_dynamic` names the quantizer and `act_block` its block length. A llama.cpp
+    block-format layer (`gguf_type`) has `storage` "Q8_0"/"Q4_0" and its fp16-stored block scales.
     """
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
     weight_bits: int
-    act_scale: float
-    act_offset: int
+    act_scale: float | None
+    act_offset: int | None
     act_bits: int
     bias: torch.Tensor | None
     layout: WeightLayout | None = None
     weight_zero_point: int = 0
     storage: str = "int8"
     storage_reason: str = ""
+    act_dynamic: str | None = None
+    act_block: int | None = None
 
     def codes(self) -> torch.Tensor:
         """The signed integer codes (int8), whatever the storage."""
@@ -68,24 +75,30 @@ def deploy_view(model: nn.Module, *, int8_storage: str = "auto") -> dict[str, De
         storage, why, zero_point = _storage(m, codes, q.weight_bits, int8_storage)
         if storage == "uint8":
             codes = torch.from_numpy(as_uint8(codes.cpu().numpy())).to(codes.device)
+        dynamic = m.act_block_spec()
         view[name] = DeployedLayer(
             weight=codes,
             weight_scale=q.weight_scale,
             weight_bits=q.weight_bits,
-            act_scale=float(q.act_scale),
-            act_offset=int(q.act_offset),
+            act_scale=None if dynamic else float(q.act_scale),
+            act_offset=None if dynamic else int(q.act_offset),
             act_bits=q.act_bits,
             bias=None if m.bias is None else m.bias.detach().clone(),
             layout=layout,
             weight_zero_point=zero_point,
             storage=storage,
             storage_reason=why,
+            act_dynamic=m.config.retrain_data_config.dynamic_act,
+            act_block=dynamic.block if dynamic else None,
         )
     return view
 
 
 def _storage(m, codes, bits, int8_storage):
     """(storage, why, zero point) of a module's codes, as the export's fold pass decides it."""
+    gguf_type = m.config.retrain_weight_config.gguf_type
+    if gguf_type is not None:
+        return gguf_type, "llama.cpp block format: export_gguf stores these codes with an fp16 d per 32 weights along K", 0
     if bits == 4:
         return "int4", "INT4 codes (|q| <= 8) cannot saturate", 0
     if m.config.retrain_weight_config.group_size is not None:

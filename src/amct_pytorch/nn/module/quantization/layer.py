@@ -230,7 +230,10 @@ class QATLayer:
     @torch.no_grad()
     def weight_codes(self) -> torch.Tensor:
         """The integer codes of the eval forward's ŵ, as int8 shaped like the weight (INT4 codes live in
-        int8 too): round(ŵ / s), which on a kernel grid are the pair-capped or 7-bit codes."""
+        int8 too): round(ŵ / s), which on a kernel grid are the pair-capped or 7-bit codes; for a
+        llama.cpp block format the codes its GGUF file stores (`gguf_blocks`)."""
+        if self.config.retrain_weight_config.block_format is not None:
+            return self.gguf_blocks()[0].reshape(self.weight.shape)
         scale = self.weight_qparams().detach()
         wq = self._fake_quant(self.weight.detach(), scale)
         layout = self.weight_layout()
