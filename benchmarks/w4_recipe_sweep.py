@@ -22,12 +22,17 @@ from pathlib import Path
 
 import torch
 
-from amct_pytorch.demo.common.settings import Setting
+from amct_pytorch.demo.common.settings import Setting, setting_options
 from amct_pytorch.demo.common.training import Timer
 from amct_pytorch.demo.minilm.run import prepare, run_setting, split_model, uses_split
 from amct_pytorch.demo.minilm.settings import SETTINGS, Options, gguf_setting, w4a8_config
 
 W8A8 = SETTINGS["w8a8"]
+
+
+def q8_0(lr_weights: float, steps: int = 100) -> Setting:
+    base = gguf_setting("q8_0", steps)
+    return replace(base, lr_weights=lr_weights, label=base.label.rsplit(", weight lr", 1)[0] + f", weight lr {lr_weights:g}")
 
 
 def w4(group: int | None = 32, init: str = "arq") -> Setting:
@@ -62,12 +67,13 @@ EXPERIMENTS = {
     "w8a8_100": (W8A8, 100, {}),
     "w8a8_120": (W8A8, 120, {}),
     # GGUF Q8_0 (llama.cpp profile; the PyTorch side equals llama.cpp to ~1e-4, docs/gguf.md): its PTQ
-    # error is ~4e-4, so the weight learning rate must move the model by less than that
-    "q8_0_w5e-5": (gguf_setting("q8_0", 100), 100, {"lr_weights": 5e-5, "eval_points": 4}),
-    "q8_0_w1e-5": (gguf_setting("q8_0", 100), 100, {"lr_weights": 1e-5, "eval_points": 4}),
-    "q8_0_w5e-6": (gguf_setting("q8_0", 100), 100, {"lr_weights": 5e-6, "eval_points": 4}),
-    "q8_0_w2e-6": (gguf_setting("q8_0", 100), 100, {"lr_weights": 2e-6, "eval_points": 4}),
-    "q8_0_w1e-5_50": (gguf_setting("q8_0", 50), 50, {"lr_weights": 1e-5, "eval_points": 2}),
+    # error is ~4e-4, so the weight learning rate must move the model by less than that (a setting's own
+    # lr_weights overrides Options.lr_weights, so these set it on the setting)
+    "q8_0_w5e-5": (q8_0(5e-5), 100, {"eval_points": 4}),
+    "q8_0_w1e-5": (q8_0(1e-5), 100, {"eval_points": 4}),
+    "q8_0_w5e-6": (q8_0(5e-6), 100, {"eval_points": 4}),
+    "q8_0_w2e-6": (q8_0(2e-6), 100, {"eval_points": 4}),
+    "q8_0_w1e-5_50": (q8_0(1e-5, 50), 50, {"eval_points": 2}),
     "q4_0": (gguf_setting("q4_0", 200), 200, {"eval_points": 4}),
 }
 
@@ -120,7 +126,7 @@ def main(argv=None) -> list[dict]:
     for name in names:
         setting, steps, over = EXPERIMENTS[name]
         steps = 4 if args.quick else (args.steps or steps)
-        opts = replace(base_opts, steps=steps, **over)
+        opts = setting_options(replace(base_opts, steps=steps, **over), setting)
         t0 = time.perf_counter()
         res = run_setting(setting, split if uses_split(setting.config, opts) else model, tokenizer, train_texts,
                           targets, evaluator, opts)

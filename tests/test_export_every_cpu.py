@@ -188,3 +188,108 @@ def test_under_an_avx2_cpu_without_vnni_auto_is_exact_and_int8_saturates(tmp_pat
         verdicts[storage] = [c.ok for c in check_layers(proto, sites, values)]
     assert verdicts["auto"] == [True, True]  # uint8 + 128: ORT's u8u8 kernel, exact
     assert verdicts["int8"] == [False, False]  # the same codes as int8: the u8s8 pair sums saturate
+
+
+# ---- layers whose activation path is not Q -> DQ -> op -------------------------------------------
+def _padded_cnn_and_level4_mlp():
+    torch.manual_seed(2)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=2, padding_mode="replicate"), nn.ReLU(),
+                        nn.Conv2d(8, 4, 3, padding=1, padding_mode="circular"))
+    x_cnn = torch.randn(2, 3, 10, 9)
+    _calibrated(cnn, x_cnn, {"retrain_weight_config": {"channel_wise": True}})
+    mlp = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    x_mlp = torch.randn(6, 64) * 3
+    level4 = {"retrain_weight_config": {"dst_type": "INT4", "channel_wise": True, "group_size": 32,
+                                        "weights_retrain_algo": "ulq_quantize"},
+              "retrain_data_config": {"dynamic_act": "ort-matmulnbits-level4"}}
+    amct.to_qat(mlp, level4)
+    mlp.train()(x_mlp)
+    return (cnn.eval(), x_cnn), (mlp.eval(), x_mlp)
+
+
+def test_padded_convs_and_level4_linears_are_checked_layer_by_layer(tmp_path):
+    """A conv with padding_mode != zeros reads its quantized input through a Pad, and a MatMulNBits at
+    accuracy_level 4 quantizes its float input itself: both are checked like every other layer."""
+    for kind, (model, x) in zip(("cnn", "mlp"), _padded_cnn_and_level4_mlp()):
+        result = export_onnx(model, (x,), tmp_path / f"{kind}.onnx")
+        assert [c.layer for c in result.layer_checks] == [n for n, _ in amct.quantized_layers(model).items()]
+        assert all(c.ok for c in result.layer_checks)
+        ops = {c.op for c in result.layer_checks}
+        assert ops == ({"Conv"} if kind == "cnn" else {"MatMulNBits"})
+        if kind == "cnn":
+            proto = onnx.load(result.path)
+            assert sum(n.op_type == "Pad" for n in proto.graph.node) == 3
+
+
+def _verdicts(proto, ran, folded, x):
+    """check_layers of `proto` on the values ONNX Runtime computed running `ran` (a graph whose kernels
+    compute something else than `proto` says, as a wrong kernel would)."""
+    from amct_pytorch.export.check import ort_session_from_proto
+
+    sites = find_sites(proto, folded)
+    sess = ort_session_from_proto(instrumented(ran, sites))
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x.numpy()})))
+    return [c.ok for c in check_layers(proto, sites, values)]
+
+
+def test_a_layer_that_pads_or_quantizes_its_input_otherwise_is_caught(tmp_path):
+    import copy
+
+    (cnn, x_cnn), (mlp, x_mlp) = _padded_cnn_and_level4_mlp()
+    result = export_onnx(cnn, (x_cnn,), tmp_path / "cnn.onnx")
+    proto = onnx.load(result.path)
+    assert _verdicts(proto, proto, result.folded_weights, x_cnn) == [True, True, True]
+    ran = copy.deepcopy(proto)
+    pad = [n for n in ran.graph.node if n.op_type == "Pad"][0]
+    next(a for a in pad.attribute if a.name == "mode").s = b"constant"  # zeros where the layer reflects
+    assert _verdicts(proto, ran, result.folded_weights, x_cnn) == [False, True, True]
+
+    result = export_onnx(mlp, (x_mlp,), tmp_path / "mlp.onnx")
+    proto = onnx.load(result.path)
+    assert _verdicts(proto, proto, result.folded_weights, x_mlp) == [True, True]
+    ran = copy.deepcopy(proto)
+    node = [n for n in ran.graph.node if n.op_type == "MatMulNBits"][1]
+    next(a for a in node.attribute if a.name == "accuracy_level").i = 1  # float input, no int8 quantization
+    assert _verdicts(proto, ran, result.folded_weights, x_mlp) == [True, False]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64",
+                    reason="needs qemu-user (apt-get install qemu-user) on x86-64; .ci/run installs it")
+def test_under_an_avx2_cpu_without_vnni_padded_convs_and_level4_are_exact(tmp_path):
+    """MatMulNBits accuracy_level 4 quantizes its input with the AVX2 kernels there: the same codes."""
+    for kind, (model, x) in zip(("cnn", "mlp"), _padded_cnn_and_level4_mlp()):
+        result = export_onnx(model, (x,), tmp_path / f"{kind}.onnx", check=False)
+        proto = onnx.load(result.path)
+        sites = find_sites(proto, result.folded_weights)
+        onnx.save(instrumented(proto, sites), tmp_path / f"{kind}_probe.onnx")
+        np.savez(tmp_path / "in.npz", input_0=x.numpy())
+        proc = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", os.path.realpath(sys.executable),
+                               str(HERE / "ort_outputs.py"), str(tmp_path / f"{kind}_probe.onnx"),
+                               str(tmp_path / "in.npz"), str(tmp_path / f"{kind}_out.npz")],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        values = dict(np.load(tmp_path / f"{kind}_out.npz"))
+        assert [c.ok for c in check_layers(proto, sites, values)] == [True] * len(sites) == [True] * (3 if kind == "cnn" else 2)
+
+
+def test_asymmetric_padding_is_checked_and_an_unemulated_form_is_said(tmp_path):
+    from onnx import helper
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 4, padding="same"), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
+    _calibrated(model, x, {})
+    result = export_onnx(model, (x,), tmp_path / "same.onnx")  # pads [1, 1, 2, 2]
+    assert [(c.layer, c.ok) for c in result.layer_checks] == [("0", True), ("2", True)]
+    # the same conv written with auto_pad (ORT computes the same): the check cannot emulate it and says so
+    proto = onnx.load(result.path)
+    conv = [n for n in proto.graph.node if n.op_type == "Conv"][0]
+    kept = [a for a in conv.attribute if a.name not in ("pads", "auto_pad")]
+    del conv.attribute[:]
+    conv.attribute.extend(kept + [helper.make_attribute("auto_pad", "SAME_UPPER")])
+    onnx.save(proto, tmp_path / "auto.onnx")
+    with pytest.warns(UserWarning, match=r"1 quantized layer\(s\) not checked layer by layer.*\['0'\]"):
+        diff, checks = check_artifact(model, tmp_path / "auto.onnx", result.folded_weights, [(x,)])
+    assert [c.layer for c in checks] == ["2"] and diff < 1e-4

@@ -13,6 +13,12 @@ class Setting:
     label: str
     config: dict
     steps: int = 200  # QAT steps unless --steps overrides (INT4 weights need more to settle)
+    lr_weights: float | None = None  # this setting's weight learning rate (None: the demo's Options.lr_weights)
+
+
+def setting_options(opts, setting: Setting):
+    """`opts` with the setting's own learning rate, when it has one."""
+    return opts if setting.lr_weights is None else replace(opts, lr_weights=setting.lr_weights)
 
 
 def settings_from_file(path) -> tuple[Setting, ...]:

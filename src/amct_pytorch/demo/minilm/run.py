@@ -17,7 +17,7 @@ from ...config import parse_config
 from ...convert import QAT_CLASSES, calibrate, to_qat
 from ...export import LlamaGELU
 from ...outliers import split_outlier_channels
-from ..common.settings import Setting
+from ..common.settings import Setting, setting_options
 from ..common.training import Timer, clip_ranges, train_loop
 from . import data as demo_data
 from .model import SKIP, batches, embed, encode, ffn_pairs, load_model, tokenize
@@ -106,6 +106,7 @@ def uses_split(config, opts: Options) -> bool:
 
 def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evaluator, opts: Options) -> dict:
     timer = Timer()
+    opts = setting_options(opts, setting)
     steps = opts.steps or setting.steps
     config = parse_config(setting.config)
     overrides = EMBEDDING_OVERRIDES if opts.quantize_embeddings else None
@@ -140,6 +141,7 @@ def run_setting(setting: Setting, model, tokenizer, train_texts, targets, evalua
         "converted": len(summary.converted), "left_float": summary.skipped,
         "embeddings_quantized": opts.quantize_embeddings or gguf, "gguf": gguf,
         "ptq": ptq_metrics, "qat": qat_metrics, "times_s": timer.times, "history": history, "steps": steps,
+        "lr_weights": opts.lr_weights,
         "clip_ranges": {"before": before, "after": clip_ranges(student)},
         "_student": student, "_embeddings": kept["embeddings"],
     }

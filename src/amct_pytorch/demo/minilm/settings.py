@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from ..common.settings import Setting
 
 GGUF_STEPS = {"q8_0": 100, "q4_0": 200}
+# Q8_0's own error is tiny (PTQ 0.99964 held-out mean cosine): at the shared weight lr 5e-5 the first 25
+# steps pulled it down to 0.99885 and 100 steps ended at 0.99955, below PTQ; at 1e-5 it rises steadily,
+# 0.99976 / 0.99978 / 0.99980 / 0.99982 after 25 / 50 / 75 / 100 steps (min 0.9996), at 5e-6 0.99980 /
+# 0.99981 / 0.99982 / 0.99983 (min 0.9997) (benchmarks/w4_recipe_sweep.py, idle 2-core machine)
+GGUF_LR_WEIGHTS = {"q8_0": 5e-6, "q4_0": None}
 GROUP_SIZE = 32  # the w4a8g default: one INT4 scale per output row and 32 input features
 
 
@@ -40,9 +45,11 @@ def gguf_config(gguf_type: str) -> dict:
 
 def gguf_setting(name: str, steps: int) -> Setting:
     kind = name.upper()
+    lr = GGUF_LR_WEIGHTS[name]
     return Setting(name, f"GGUF {kind} for llama.cpp: {kind} linears and token_embd ({'learned' if kind == 'Q4_0' else 'ARQ-like'} "
                          f"fp16 block scales), "
-                         f"activations as llama.cpp's x86 Q8_0, ggml's GELU", gguf_config(kind), steps=steps)
+                         f"activations as llama.cpp's x86 Q8_0, ggml's GELU" + (f", weight lr {lr:g}" if lr else ""),
+                   gguf_config(kind), steps=steps, lr_weights=lr)
 
 
 # Every built-in setting, by name (`--settings`); DEFAULT_SETTINGS run without options.
