@@ -358,6 +358,14 @@ def test_demo_gguf_settings_and_table():
         cfg = parse_config(s.config)
         assert cfg.retrain_data_config.dynamic_act == "llama.cpp-x86"
         assert cfg.retrain_weight_config.gguf_type == s.name.upper()
+    # Q8_0 trains its weights at its own, smaller learning rate (its PTQ error is ~4e-4); the others keep the demo's
+    from amct_pytorch.demo.common.settings import setting_options
+    from amct_pytorch.demo.minilm.settings import Options
+
+    base = Options()
+    assert setting_options(base, picked[0]).lr_weights == 5e-6 < base.lr_weights
+    assert setting_options(base, picked[1]) is base
+    assert all(setting_options(base, s) is base for s in parse_settings(DEFAULT_SETTINGS))
     files = {
         "float_f32": {"size_mb": 90.9, "token_embd_share": 0.516, "llama": {"mean_cos": 1.0, "min_cos": 0.99999,
                                                                              "sentences": 3},
