@@ -164,6 +164,22 @@ def test_a_dropped_relu_is_named(tmp_path):
 
 
 # ---- real kernels of a CPU without VNNI ---------------------------------------------------------
+def _haswell_verdicts(model, x, path, **export_kwargs):
+    """Export `model`, run its instrumented graph on ORT's kernels of an AVX2 CPU without VNNI
+    (qemu-x86_64 -cpu Haswell) and return check_layers' verdict per layer."""
+    result = export_onnx(model, (x,), path, check=False, **export_kwargs)
+    proto = onnx.load(result.path)
+    sites = find_sites(proto, result.folded_weights)
+    probe, inputs, outputs = (path.with_name(path.stem + tail) for tail in ("_probe.onnx", "_in.npz", "_out.npz"))
+    onnx.save(instrumented(proto, sites), probe)
+    np.savez(inputs, input_0=x.numpy())
+    proc = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", os.path.realpath(sys.executable),
+                           str(HERE / "ort_outputs.py"), str(probe), str(inputs), str(outputs)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [c.ok for c in check_layers(proto, sites, dict(np.load(outputs)))]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64",
                     reason="needs qemu-user (apt-get install qemu-user) on x86-64; .ci/run installs it")
@@ -172,20 +188,8 @@ def test_under_an_avx2_cpu_without_vnni_auto_is_exact_and_int8_saturates(tmp_pat
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
     x = torch.randn(16, 64)
     _calibrated(model, x, {"retrain_weight_config": {"channel_wise": True}})
-    verdicts = {}
-    for storage in ("auto", "int8"):
-        result = export_onnx(model, (x,), tmp_path / f"{storage}.onnx", int8_storage=storage, check=False)
-        proto = onnx.load(result.path)
-        sites = find_sites(proto, result.folded_weights)
-        onnx.save(instrumented(proto, sites), tmp_path / f"{storage}_probe.onnx")
-        np.savez(tmp_path / "in.npz", input_0=x.numpy())
-        proc = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", os.path.realpath(sys.executable),
-                               str(HERE / "ort_outputs.py"), str(tmp_path / f"{storage}_probe.onnx"),
-                               str(tmp_path / "in.npz"), str(tmp_path / f"{storage}_out.npz")],
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        values = dict(np.load(tmp_path / f"{storage}_out.npz"))
-        verdicts[storage] = [c.ok for c in check_layers(proto, sites, values)]
+    verdicts = {storage: _haswell_verdicts(model, x, tmp_path / f"{storage}.onnx", int8_storage=storage)
+                for storage in ("auto", "int8")}
     assert verdicts["auto"] == [True, True]  # uint8 + 128: ORT's u8u8 kernel, exact
     assert verdicts["int8"] == [False, False]  # the same codes as int8: the u8s8 pair sums saturate
 
@@ -260,18 +264,7 @@ def test_a_layer_that_pads_or_quantizes_its_input_otherwise_is_caught(tmp_path):
 def test_under_an_avx2_cpu_without_vnni_padded_convs_and_level4_are_exact(tmp_path):
     """MatMulNBits accuracy_level 4 quantizes its input with the AVX2 kernels there: the same codes."""
     for kind, (model, x) in zip(("cnn", "mlp"), _padded_cnn_and_level4_mlp()):
-        result = export_onnx(model, (x,), tmp_path / f"{kind}.onnx", check=False)
-        proto = onnx.load(result.path)
-        sites = find_sites(proto, result.folded_weights)
-        onnx.save(instrumented(proto, sites), tmp_path / f"{kind}_probe.onnx")
-        np.savez(tmp_path / "in.npz", input_0=x.numpy())
-        proc = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", os.path.realpath(sys.executable),
-                               str(HERE / "ort_outputs.py"), str(tmp_path / f"{kind}_probe.onnx"),
-                               str(tmp_path / "in.npz"), str(tmp_path / f"{kind}_out.npz")],
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        values = dict(np.load(tmp_path / f"{kind}_out.npz"))
-        assert [c.ok for c in check_layers(proto, sites, values)] == [True] * len(sites) == [True] * (3 if kind == "cnn" else 2)
+        assert _haswell_verdicts(model, x, tmp_path / f"{kind}.onnx") == [True] * (3 if kind == "cnn" else 2)
 
 
 def test_asymmetric_padding_is_checked_and_an_unemulated_form_is_said(tmp_path):
