@@ -1,7 +1,7 @@
 """Quant-factor record: every QAT module's scales, offsets, bit widths and clip bounds as JSON.
 
 Floats are written with Python's shortest round-trip repr of the float32 value, so a record
-read back gives the same float32 bits. Schema: docs/export.md, "Quant record". A layer whose input
+read back gives the same float32 bits. Schema: docs/export.md, "Quant record and deploy view". A layer whose input
 is quantized on the fly (`retrain_data_config.dynamic_act`) has no activation factors: its record
 says `"dynamic_act"` and `"act_block"` and holds null clip/scale/offset; a llama.cpp block-format
 layer adds `"gguf_type"` (its `scale_w` are the fp16-stored block scales d, signed for Q4_0).

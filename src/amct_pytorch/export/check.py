@@ -206,7 +206,7 @@ def _dynamic_activation(op, x: np.ndarray) -> np.ndarray:
     return xq.numpy().astype(np.float64)
 
 
-_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
+_PAD_MODES = ("constant", "reflect", "edge", "wrap")  # ONNX Pad's modes; NumPy's np.pad names them alike
 
 
 def _pad(g: OnnxGraph, node, x: np.ndarray):
@@ -228,7 +228,7 @@ def _pad(g: OnnxGraph, node, x: np.ndarray):
     if mode == "constant":
         value = float(g.array(node.input[2]).reshape(-1)[0]) if has(2) else 0.0
         return np.pad(x, width, mode="constant", constant_values=value)
-    return np.pad(x, width, mode=_PAD_MODES[mode])
+    return np.pad(x, width, mode=mode)
 
 
 def _conv(op, x, w, transposed):
